@@ -1,0 +1,1 @@
+"""Learn a person's mask and the scene's depth from a background and the same scene with the person in it."""
