@@ -30,7 +30,8 @@ def plot_samples(samples: Sequence[dict], title: str | None = None) -> Figure:
         for col, key in enumerate(columns):
             ax = axes[row, col]
             cmap = {"mask": "gray", "depth": DEPTH_CMAP}.get(key)
-            ax.imshow(_image(sample[key]), cmap=cmap, vmin=0, vmax=1)
+            img = sample[key].float() if key == "mask" else sample[key]  # masks are 0/1, not 0..255
+            ax.imshow(_image(img), cmap=cmap, vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
                 ax.set_title(key)
@@ -63,7 +64,7 @@ def plot_predictions(samples: Sequence[dict], mask_probs: torch.Tensor, depth: t
     columns = ["bg", "bg_fg", "true mask", "predicted mask"] + (["true depth", "predicted depth"] if depth is not None else [])
     fig, axes = plt.subplots(len(samples), len(columns), figsize=(2 * len(columns), 2.1 * len(samples)), squeeze=False)
     for row, sample in enumerate(samples):
-        panels = [(sample["bg"], None), (sample["bg_fg"], None), (sample["mask"], "gray"), (mask_probs[row], "gray")]
+        panels = [(sample["bg"], None), (sample["bg_fg"], None), (sample["mask"].float(), "gray"), (mask_probs[row], "gray")]
         if depth is not None:
             panels += [(sample["depth"], DEPTH_CMAP), (depth[row], DEPTH_CMAP)]
         for col, (img, cmap) in enumerate(panels):
