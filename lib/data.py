@@ -445,7 +445,7 @@ def make_loader(
         collate_fn=collate_samples,
         pin_memory=device.type == "cuda",
         drop_last=drop_last,
-        persistent_workers=workers > 0,
+        persistent_workers=False,  # fresh workers per epoch, seeded from the torch RNG: a resumed run repeats exactly
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_seed_worker,
     )

@@ -486,6 +486,8 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             train_sampler.set_epoch(epoch)
+            if train_set.augment is not None:  # in-process loading; worker processes reseed from the torch RNG
+                train_set.augment.set_random_seed(cfg.seed * 100_003 + epoch)
             bar = tqdm(total=len(train_loader) + len(val_loader), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                        disable=not (progress and ddp.is_main), dynamic_ncols=True)
             lr = optimizer.param_groups[0]["lr"]

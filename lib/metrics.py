@@ -1,0 +1,221 @@
+"""Mask IoU/Dice and depth RMSE/MAE/AbsRel/delta1/SSIM: per-batch sums added up on the device, reduced once."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lib.errors import UserError
+from lib.losses import ssim
+
+__all__ = [
+    "DEPTH_VALID_MIN",
+    "DELTA1_RATIO",
+    "mask_intersection_union",
+    "mask_iou_per_image",
+    "mask_dice_per_image",
+    "mask_iou_total",
+    "depth_rmse",
+    "depth_mae",
+    "depth_absrel",
+    "depth_delta1",
+    "depth_ssim_per_image",
+    "classical_mask_baseline",
+    "Metrics",
+]
+
+DEPTH_VALID_MIN = 0.01  # AbsRel and delta1 only count pixels whose true depth is above this
+DELTA1_RATIO = 1.25  # delta1: share of valid pixels with max(p/g, g/p) below this
+
+
+# ---------------------------------------------------------------- mask
+
+
+def binarize(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Return sigmoid(logits) > threshold as bool, same shape."""
+    return torch.sigmoid(logits.float()) > threshold
+
+
+def mask_intersection_union(
+    logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image counts (B,): |P & T|, |P | T|, |P| + |T| for P = sigmoid(logits) > threshold, T = target > 0.5."""
+    preds = binarize(logits, threshold).flatten(1)  # (B, HW)
+    truth = (target > 0.5).flatten(1)  # (B, HW)
+    intersection = (preds & truth).sum(dim=1)
+    union = (preds | truth).sum(dim=1)
+    total = preds.sum(dim=1) + truth.sum(dim=1)
+    return intersection, union, total
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums, except on mps, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def iou_from_counts(intersection: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """IoU (B,) from pixel counts (B,); 1 where the union is empty."""
+    iou = intersection.to(sum_dtype(intersection.device)) / union.clamp_min(1)
+    return torch.where(union > 0, iou, torch.ones_like(iou))
+
+
+def dice_from_counts(intersection: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Dice (B,) from pixel counts (B,), total = |P| + |T|; 1 where both masks are empty."""
+    dice = 2 * intersection.to(sum_dtype(intersection.device)) / total.clamp_min(1)
+    return torch.where(total > 0, dice, torch.ones_like(dice))
+
+
+def mask_iou_per_image(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """IoU (B,) in [0, 1] of thresholded logits (B, 1, H, W) vs target (B, 1, H, W) in {0, 1}; empty vs empty = 1."""
+    intersection, union, _ = mask_intersection_union(logits, target, threshold)
+    return iou_from_counts(intersection, union)
+
+
+def mask_dice_per_image(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Dice (B,) in [0, 1] of thresholded logits (B, 1, H, W) vs target (B, 1, H, W) in {0, 1}; empty vs empty = 1."""
+    intersection, _, total = mask_intersection_union(logits, target, threshold)
+    return dice_from_counts(intersection, total)
+
+
+def mask_iou_total(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Scalar in [0, 1]: total intersection / total union over all images of the batch (1 if both are empty)."""
+    intersection, union, _ = mask_intersection_union(logits, target, threshold)
+    return iou_from_counts(intersection.sum(), union.sum())
+
+
+# ---------------------------------------------------------------- depth
+
+
+def depth_sums(preds: torch.Tensor, target: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sums (6,) over a batch of depth preds and target (B, 1, H, W): preds clamped to [0, 1], target in [0, 1].
+
+    [pixels, squared error, absolute error, AbsRel over valid, valid pixels (target > 0.01), delta1 hits];
+    float64 (float32 on mps) unless `dtype` says otherwise.
+    """
+    dtype = dtype or sum_dtype(target.device)
+    pred = preds.detach().float().clamp(0, 1)
+    truth = target.detach().float()
+    error = pred - truth
+    valid = truth > DEPTH_VALID_MIN
+    safe_truth = torch.where(valid, truth, torch.ones_like(truth))
+    ratio = torch.maximum(pred / safe_truth, safe_truth / pred.clamp_min(1e-12))  # p = 0 gives a huge ratio
+    hits = valid & (ratio < DELTA1_RATIO)
+    absrel = torch.where(valid, error.abs() / safe_truth, torch.zeros_like(truth))
+    return torch.stack(
+        [
+            torch.full((), float(truth.numel()), dtype=dtype, device=truth.device),  # a fill, not a host copy
+            error.square().sum(dtype=dtype),
+            error.abs().sum(dtype=dtype),
+            absrel.sum(dtype=dtype),
+            valid.sum().to(dtype),
+            hits.sum().to(dtype),
+        ]
+    )
+
+
+def depth_rmse(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar >= 0: sqrt of the mean squared error over all pixels, preds clamped to [0, 1], target (B, 1, H, W)."""
+    sums = depth_sums(preds, target)
+    return torch.sqrt(sums[1] / sums[0])
+
+
+def depth_mae(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar >= 0: mean absolute error over all pixels, preds clamped to [0, 1], target (B, 1, H, W)."""
+    sums = depth_sums(preds, target)
+    return sums[2] / sums[0]
+
+
+def depth_absrel(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar >= 0: mean |p - g| / g over pixels with g > 0.01 (preds clamped to [0, 1]); nan if there are none."""
+    sums = depth_sums(preds, target)
+    return sums[3] / sums[4]
+
+
+def depth_delta1(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar in [0, 1]: share of pixels with g > 0.01 where max(p/g, g/p) < 1.25 (preds clamped to [0, 1])."""
+    sums = depth_sums(preds, target)
+    return sums[5] / sums[4]
+
+
+def depth_ssim_per_image(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SSIM (B,) in [-1, 1] of preds clamped to [0, 1] vs target (B, 1, H, W) in [0, 1]."""
+    return ssim(preds.detach().float().clamp(0, 1), target.detach().float(), data_range=1.0)
+
+
+# ---------------------------------------------------------------- baseline
+
+
+def classical_mask_baseline(bg: torch.Tensor, bg_fg: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """Mask (B, 1, H, W) bool: max over channels of |bg_fg - bg| > threshold, for un-normalised images in [0, 1]."""
+    return (bg_fg.float() - bg.float()).abs().amax(dim=-3, keepdim=True) > threshold  # (B, 1, H, W)
+
+
+# ---------------------------------------------------------------- accumulator
+
+MASK_FIELDS = ("samples", "iou_sum", "dice_sum", "intersection", "union")
+DEPTH_FIELDS = ("pixels", "squared_error", "absolute_error", "absrel_sum", "valid_pixels", "delta1_hits", "ssim_sum")
+
+
+class Metrics:
+    """Accumulate mask (and depth) metric sums over batches in one device tensor; compute() reads it once.
+
+    `totals` is a 1-D float64 tensor (float32 on mps) of sums; all_reduce it (SUM) across ranks before compute().
+    """
+
+    def __init__(self, device: torch.device | str | None = None, with_depth: bool = True) -> None:
+        self.with_depth = with_depth
+        self.fields = MASK_FIELDS + (DEPTH_FIELDS if with_depth else ())
+        self.totals = self._zeros(torch.device(device) if device is not None else torch.device("cpu"))
+
+    def _zeros(self, device: torch.device) -> torch.Tensor:
+        """Return a zero totals vector on `device`."""
+        return torch.zeros(len(self.fields), dtype=sum_dtype(device), device=device)
+
+    def reset(self) -> None:
+        """Zero the totals (keeps their device)."""
+        self.totals = self._zeros(self.totals.device)
+
+    @torch.no_grad()
+    def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        """Add one batch: outputs["mask"] logits (B, 1, H, W) vs batch["mask"], depth if with_depth; no host sync."""
+        logits, target = outputs["mask"], batch["mask"]
+        if self.totals.device != logits.device:
+            self.totals = self.totals.to(logits.device, sum_dtype(logits.device))
+        dtype = self.totals.dtype
+        intersection, union, total = mask_intersection_union(logits, target)
+        iou = iou_from_counts(intersection, union).to(dtype)  # (B,)
+        dice = dice_from_counts(intersection, total).to(dtype)  # (B,)
+        samples = torch.ones_like(iou).sum()
+        parts = [torch.stack([samples, iou.sum(), dice.sum(), intersection.sum().to(dtype), union.sum().to(dtype)])]
+        if self.with_depth:
+            if "depth" not in outputs:
+                raise UserError("Metrics(with_depth=True) needs outputs['depth']; use with_depth=False for MaskNet")
+            preds, depth = outputs["depth"], batch["depth"]
+            parts.append(depth_sums(preds, depth, dtype=dtype))
+            parts.append(depth_ssim_per_image(preds, depth).sum().to(dtype).view(1))
+        self.totals += torch.cat(parts)
+
+    def compute(self) -> dict[str, float]:
+        """Return the metrics over everything seen since reset(); one device-to-host read. nan where undefined."""
+        t = dict(zip(self.fields, self.totals.double().tolist()))
+        samples = t["samples"]
+
+        def ratio(num: float, den: float, empty: float = math.nan) -> float:
+            """num / den, or `empty` when den is 0."""
+            return num / den if den > 0 else empty
+
+        result = {
+            "samples": int(round(samples)),
+            "mask_iou": ratio(t["iou_sum"], samples),
+            "mask_iou_total": ratio(t["intersection"], t["union"], 1.0 if samples else math.nan),
+            "mask_dice": ratio(t["dice_sum"], samples),
+        }
+        if self.with_depth:
+            result.update(
+                depth_rmse=math.sqrt(ratio(t["squared_error"], t["pixels"])),
+                depth_mae=ratio(t["absolute_error"], t["pixels"]),
+                depth_absrel=ratio(t["absrel_sum"], t["valid_pixels"]),
+                depth_delta1=ratio(t["delta1_hits"], t["valid_pixels"]),
+                depth_ssim=ratio(t["ssim_sum"], samples),
+            )
+        return result

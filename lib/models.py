@@ -1,0 +1,186 @@
+"""MaskNet and DepthNet: two-image (bg, bg_fg) networks that return raw outputs (logits, depth)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib.errors import UserError
+
+__all__ = [
+    "MaskNet",
+    "DepthNet",
+    "MODELS",
+    "MODEL_SIZE_MULTIPLE",
+    "make_model",
+    "count_parameters",
+    "as_outputs",
+]
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Return conv3x3 (padding 1, bias) + BatchNorm + ReLU; keeps H and W."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    )
+
+
+def check_pair(bg: torch.Tensor, bg_fg: torch.Tensor, multiple: int = 1) -> None:
+    """Raise UserError unless bg and bg_fg are (B, 3, H, W) of one shape with H, W divisible by `multiple`."""
+    if bg.dim() != 4 or bg.shape != bg_fg.shape or bg.shape[1] != 3:
+        raise UserError(
+            f"expected bg and bg_fg of one shape (B, 3, H, W), got {tuple(bg.shape)} and {tuple(bg_fg.shape)}"
+        )
+    height, width = bg.shape[-2:]
+    if height % multiple or width % multiple:
+        near_h, near_w = (max(multiple, round(side / multiple) * multiple) for side in (height, width))
+        raise UserError(
+            f"image size {height}x{width} does not work with this model: "
+            f"both sides must be divisible by {multiple} (nearest: {near_h}x{near_w})"
+        )
+
+
+class MaskNet(nn.Module):
+    """Small full-resolution mask network: (bg, bg_fg) (B, 3, H, W) -> mask logits (B, 1, H, W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bg_stem = conv_bn_relu(3, 32)
+        self.bg_fg_stem = conv_bn_relu(3, 32)
+        self.body = nn.Sequential(conv_bn_relu(64, 64), conv_bn_relu(64, 64))
+        self.head = nn.Conv2d(64, 1, kernel_size=1)
+
+    def forward(self, bg: torch.Tensor, bg_fg: torch.Tensor) -> torch.Tensor:
+        """Return mask logits (B, 1, H, W) for normalised bg, bg_fg (B, 3, H, W); any H, W."""
+        check_pair(bg, bg_fg)
+        x = torch.cat([self.bg_stem(bg), self.bg_fg_stem(bg_fg)], dim=1)  # (B, 64, H, W)
+        x = self.body(x)
+        return self.head(x)  # (B, 1, H, W)
+
+
+class Encoder(nn.Module):
+    """Residual downsampling block: (B, in, H, W) -> (B, out, H/2, W/2)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.MaxPool2d(2),
+            conv_bn_relu(in_channels, out_channels),
+            conv_bn_relu(out_channels, out_channels),
+        )
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=2, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return relu(main(x) + shortcut(x)), (B, out, H/2, W/2)."""
+        return F.relu(self.main(x) + self.shortcut(x))  # (B, out, H/2, W/2)
+
+
+class Decoder(nn.Module):
+    """Upsampling block: x (B, in, h, w) and skip (B, out, 2h, 2w) -> (B, out, 2h, 2w)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        # The original ends with one more ReLU after the last conv+BN+ReLU; that ReLU is an identity.
+        self.refine = nn.Sequential(conv_bn_relu(out_channels, out_channels), conv_bn_relu(out_channels, out_channels))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Return refine(upsample(reduce(x)) + skip), shaped like skip."""
+        x = self.reduce(x)  # (B, out, h, w)
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)  # (B, out, 2h, 2w)
+        return self.refine(x + skip)
+
+
+class DepthNet(nn.Module):
+    """Encoder-decoder with a mask decoder feeding a depth decoder: (bg, bg_fg) -> (mask logits, depth).
+
+    Inputs (B, 3, H, W) with H and W divisible by 32; both outputs (B, 1, H, W); depth has no activation.
+    """
+
+    size_multiple = 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bg_stem = nn.Sequential(conv_bn_relu(3, 16), conv_bn_relu(16, 16))
+        self.bg_fg_stem = nn.Sequential(conv_bn_relu(3, 16), conv_bn_relu(16, 16))
+        self.bg_encoder = Encoder(16, 16)
+        self.bg_fg_encoder = Encoder(16, 16)
+        self.encoder4 = Encoder(32, 64)
+        self.encoder5 = Encoder(64, 128)
+        self.encoder6 = Encoder(128, 256)
+        self.encoder7 = Encoder(256, 512)
+
+        self.mask_decoder1 = Decoder(256, 128)
+        self.mask_decoder2 = Decoder(128, 64)
+        self.mask_decoder3 = Decoder(64, 32)
+        self.mask_decoder4 = Decoder(32, 16)
+        self.mask_head = nn.Conv2d(16, 1, kernel_size=1)
+
+        self.depth_decoder1 = Decoder(512, 256)
+        self.depth_decoder2 = Decoder(256, 128)
+        self.depth_decoder3 = Decoder(128, 64)
+        self.depth_decoder4 = Decoder(64, 32)
+        self.depth_decoder5 = Decoder(32, 16)
+        self.depth_head = nn.Conv2d(16, 1, kernel_size=1)
+
+    def forward(self, bg: torch.Tensor, bg_fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (mask logits, depth), each (B, 1, H, W), for normalised bg, bg_fg (B, 3, H, W)."""
+        check_pair(bg, bg_fg, self.size_multiple)
+        bg_features = self.bg_stem(bg)  # (B, 16, H, W)
+        bg_fg_features = self.bg_fg_stem(bg_fg)  # (B, 16, H, W)
+        x3 = torch.cat(
+            [self.bg_encoder(bg_features), self.bg_fg_encoder(bg_fg_features)], dim=1
+        )  # (B, 32, H/2, W/2)
+        x4 = self.encoder4(x3)  # (B, 64, H/4, W/4)
+        x5 = self.encoder5(x4)  # (B, 128, H/8, W/8)
+        x6 = self.encoder6(x5)  # (B, 256, H/16, W/16)
+
+        m1 = self.mask_decoder1(x6, x5)  # (B, 128, H/8, W/8)
+        m2 = self.mask_decoder2(m1, x4)  # (B, 64, H/4, W/4)
+        m3 = self.mask_decoder3(m2, x3)  # (B, 32, H/2, W/2)
+        m4 = self.mask_decoder4(m3, bg_fg_features)  # (B, 16, H, W)
+        mask_logits = self.mask_head(m4)  # (B, 1, H, W)
+
+        # Out-of-place sums only: adding onto a ReLU output in place breaks backward.
+        x7 = self.encoder7(x6)  # (B, 512, H/32, W/32)
+        d1 = self.depth_decoder1(x7, x6)  # (B, 256, H/16, W/16)
+        d2 = self.depth_decoder2(d1, x5) + m1  # (B, 128, H/8, W/8)
+        d3 = self.depth_decoder3(d2, x4) + m2  # (B, 64, H/4, W/4)
+        d4 = self.depth_decoder4(d3, x3) + x3  # (B, 32, H/2, W/2)
+        d5 = self.depth_decoder5(d4, bg_fg_features)  # (B, 16, H, W)
+        depth = self.depth_head(d5)  # (B, 1, H, W)
+        return mask_logits, depth
+
+
+MODELS: dict[str, type[nn.Module]] = {"masknet": MaskNet, "depthnet": DepthNet}
+MODEL_SIZE_MULTIPLE: dict[str, int] = {"masknet": 1, "depthnet": 32}
+
+
+def make_model(name: str) -> nn.Module:
+    """Return a new model by name ("masknet" or "depthnet"); UserError on an unknown name."""
+    key = str(name).strip().lower()
+    if key not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return MODELS[key]()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Return the number of parameters (trainable or not) in `model`."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def as_outputs(raw: torch.Tensor | tuple | list | dict) -> dict[str, torch.Tensor]:
+    """Turn a model's raw return into {"mask": logits (B, 1, H, W), "depth": (B, 1, H, W) if the model has it}."""
+    if isinstance(raw, torch.Tensor):
+        return {"mask": raw}
+    if isinstance(raw, dict) and "mask" in raw:
+        return dict(raw)
+    if isinstance(raw, (tuple, list)) and len(raw) == 2:
+        mask_logits, depth = raw
+        return {"mask": mask_logits, "depth": depth}
+    raise TypeError(f"cannot read model outputs of type {type(raw).__name__}; expected a tensor or (mask, depth)")

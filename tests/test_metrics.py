@@ -1,0 +1,232 @@
+"""Metrics: hand examples, a numpy reference, and accumulation over batches equal to one concatenated batch."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lib.errors import UserError
+from lib.losses import ssim
+from lib.metrics import (
+    Metrics,
+    classical_mask_baseline,
+    depth_absrel,
+    depth_delta1,
+    depth_mae,
+    depth_rmse,
+    depth_ssim_per_image,
+    mask_dice_per_image,
+    mask_iou_per_image,
+    mask_iou_total,
+)
+
+BIG = 10.0  # a logit far from the 0.5 threshold
+
+
+def as_logits(binary):
+    """{0, 1} tensor -> logits of +-BIG."""
+    return BIG * (2 * binary.float() - 1)
+
+
+def row(*values):
+    """(1, 1, 1, N) float tensor."""
+    return torch.tensor(values, dtype=torch.float32).view(1, 1, 1, -1)
+
+
+# ---------------------------------------------------------------- mask
+
+
+def test_iou_and_dice_hand_example():
+    preds, target = row(1, 1, 0, 0), row(1, 0, 1, 0)  # intersection 1, union 3, |P| + |T| = 4
+    assert mask_iou_per_image(as_logits(preds), target).item() == pytest.approx(1 / 3)
+    assert mask_dice_per_image(as_logits(preds), target).item() == pytest.approx(0.5)
+
+
+def test_empty_vs_empty_counts_one_and_empty_vs_full_zero():
+    empty, full = row(0, 0, 0, 0), row(1, 1, 1, 1)
+    assert mask_iou_per_image(as_logits(empty), empty).item() == 1.0
+    assert mask_dice_per_image(as_logits(empty), empty).item() == 1.0
+    assert mask_iou_total(as_logits(empty), empty).item() == 1.0
+    assert mask_iou_per_image(as_logits(empty), full).item() == 0.0
+    assert mask_iou_per_image(as_logits(full), empty).item() == 0.0
+
+
+def test_threshold_is_on_probability_one_half():
+    logits = row(-0.1, 0.0, 0.1, 3.0)  # sigmoid: < 0.5, 0.5 (not above), > 0.5, > 0.5
+    assert mask_iou_per_image(logits, row(0, 0, 1, 1)).item() == 1.0
+
+
+def numpy_mask_reference(logits, target):
+    """Independent per-image IoU, Dice and total IoU with numpy."""
+    preds = 1 / (1 + np.exp(-logits.numpy().astype(np.float64))) > 0.5
+    truth = target.numpy() > 0.5
+    axes = (1, 2, 3)
+    inter = (preds & truth).sum(axis=axes)
+    union = (preds | truth).sum(axis=axes)
+    sizes = preds.sum(axis=axes) + truth.sum(axis=axes)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    dice = np.where(sizes > 0, 2 * inter / np.maximum(sizes, 1), 1.0)
+    return iou, dice, inter.sum() / union.sum()
+
+
+def test_mask_metrics_match_numpy_on_random_masks():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1, 16, 16, generator=generator)
+    target = (torch.rand(6, 1, 16, 16, generator=generator) > 0.6).float()
+    target[0] = 0
+    logits[0] = -1  # one empty-empty image
+    iou, dice, total = numpy_mask_reference(logits, target)
+    np.testing.assert_allclose(mask_iou_per_image(logits, target).numpy(), iou, rtol=1e-12)
+    np.testing.assert_allclose(mask_dice_per_image(logits, target).numpy(), dice, rtol=1e-12)
+    assert mask_iou_total(logits, target).item() == pytest.approx(total, rel=1e-12)
+
+
+# ---------------------------------------------------------------- depth
+
+
+def test_depth_hand_example():
+    truth = row(0.5, 0.5, 0.005, 0.2)  # the third pixel is below 0.01: not valid for AbsRel / delta1
+    preds = row(0.5, 0.7, 0.9, 0.0)  # ratios: 1 (hit), 1.4 (miss), -, p = 0 (miss)
+    assert depth_absrel(preds, truth).item() == pytest.approx((0 + 0.2 / 0.5 + 0.2 / 0.2) / 3)
+    assert depth_delta1(preds, truth).item() == pytest.approx(1 / 3)
+    assert depth_mae(preds, truth).item() == pytest.approx((0 + 0.2 + 0.895 + 0.2) / 4, rel=1e-6)
+    assert depth_rmse(preds, truth).item() == pytest.approx(math.sqrt((0.04 + 0.895**2 + 0.04) / 4), rel=1e-6)
+
+
+def test_depth_predictions_are_clamped_to_unit_range():
+    truth, preds = row(1.0, 0.0, 0.5), row(1.7, -0.4, 0.5)
+    assert depth_rmse(preds, truth).item() == 0.0
+    assert depth_delta1(preds, truth).item() == 1.0
+
+
+def test_delta1_boundary_is_strict():
+    truth = row(0.4, 0.4)
+    preds = row(0.4 * 1.2, 0.4 * 1.3)  # ratio 1.2 counts, 1.3 does not
+    assert depth_delta1(preds, truth).item() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- accumulator
+
+
+def make_batches(sizes=(3, 2, 4), height=16, width=16, seed=0):
+    """Random outputs/batches of the given sizes, with one empty-empty mask."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for size in sizes:
+        target = (torch.rand(size, 1, height, width, generator=generator) > 0.7).float()
+        logits = 4 * torch.randn(size, 1, height, width, generator=generator) + 4 * (target - 0.5)
+        depth = torch.rand(size, 1, height, width, generator=generator)
+        preds = depth + 0.2 * torch.randn(size, 1, height, width, generator=generator)  # some outside [0, 1]
+        pairs.append(({"mask": logits, "depth": preds}, {"mask": target, "depth": depth}))
+    pairs[0][1]["mask"][0] = 0
+    pairs[0][0]["mask"][0] = -1
+    return pairs
+
+
+def concatenate(pairs):
+    """One big (outputs, batch) from a list of them."""
+    outputs = {key: torch.cat([o[key] for o, _ in pairs]) for key in pairs[0][0]}
+    batch = {key: torch.cat([b[key] for _, b in pairs]) for key in pairs[0][1]}
+    return outputs, batch
+
+
+def test_accumulated_metrics_equal_metrics_on_the_concatenated_batch():
+    pairs = make_batches()
+    metrics = Metrics()
+    for outputs, batch in pairs:
+        metrics.update(outputs, batch)
+    got = metrics.compute()
+
+    outputs, batch = concatenate(pairs)
+    preds, depth = outputs["depth"], batch["depth"]
+    iou, dice, total = numpy_mask_reference(outputs["mask"], batch["mask"])
+    expected = {
+        "samples": 9,
+        "mask_iou": iou.mean(),
+        "mask_iou_total": total,
+        "mask_dice": dice.mean(),
+        "depth_rmse": depth_rmse(preds, depth).item(),
+        "depth_mae": depth_mae(preds, depth).item(),
+        "depth_absrel": depth_absrel(preds, depth).item(),
+        "depth_delta1": depth_delta1(preds, depth).item(),
+        "depth_ssim": ssim(preds.clamp(0, 1), depth).mean().item(),
+    }
+    assert set(got) == set(expected)
+    assert got["samples"] == 9
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_depth_metrics_match_numpy():
+    outputs, batch = concatenate(make_batches())
+    p = np.clip(outputs["depth"].numpy().astype(np.float64), 0, 1)
+    g = batch["depth"].numpy().astype(np.float64)
+    valid = g > 0.01
+    pv, gv = p[valid], g[valid]
+    with np.errstate(divide="ignore"):
+        ratio = np.maximum(pv / gv, gv / pv)
+    preds, depth = outputs["depth"], batch["depth"]
+    assert depth_rmse(preds, depth).item() == pytest.approx(np.sqrt(((p - g) ** 2).mean()), rel=1e-5)
+    assert depth_mae(preds, depth).item() == pytest.approx(np.abs(p - g).mean(), rel=1e-5)
+    assert depth_absrel(preds, depth).item() == pytest.approx((np.abs(pv - gv) / gv).mean(), rel=1e-5)
+    assert depth_delta1(preds, depth).item() == pytest.approx((ratio < 1.25).mean(), rel=1e-6)
+
+
+def test_totals_sum_like_all_reduce():
+    pairs = make_batches(sizes=(2, 3, 1, 4))
+    whole, first, second = Metrics(), Metrics(), Metrics()
+    for index, (outputs, batch) in enumerate(pairs):
+        whole.update(outputs, batch)
+        (first if index % 2 == 0 else second).update(outputs, batch)
+    assert whole.totals.dim() == 1 and whole.totals.dtype == torch.float64
+    first.totals += second.totals  # what dist.all_reduce(SUM) does across two ranks
+    merged, expected = first.compute(), whole.compute()
+    for key in expected:
+        assert merged[key] == pytest.approx(expected[key], rel=1e-9), key
+
+
+def test_reset_and_empty_compute():
+    metrics = Metrics()
+    outputs, batch = make_batches(sizes=(2,))[0]
+    metrics.update(outputs, batch)
+    metrics.reset()
+    assert metrics.totals.abs().sum().item() == 0
+    result = metrics.compute()
+    assert result["samples"] == 0 and math.isnan(result["mask_iou"]) and math.isnan(result["depth_rmse"])
+
+
+def test_mask_only_metrics():
+    outputs, batch = make_batches(sizes=(2,))[0]
+    metrics = Metrics(with_depth=False)
+    metrics.update({"mask": outputs["mask"]}, {"mask": batch["mask"]})
+    result = metrics.compute()
+    assert set(result) == {"samples", "mask_iou", "mask_iou_total", "mask_dice"}
+    with pytest.raises(UserError, match="with_depth=False"):
+        Metrics().update({"mask": outputs["mask"]}, batch)
+
+
+def test_update_accepts_bf16_outputs():
+    outputs, batch = make_batches(sizes=(2,))[0]
+    got = Metrics()
+    got.update({key: value.to(torch.bfloat16).float() for key, value in outputs.items()}, batch)
+    low = Metrics()
+    low.update({key: value.to(torch.bfloat16) for key, value in outputs.items()}, batch)
+    assert low.compute() == got.compute()
+
+
+def test_depth_ssim_per_image_clamps_predictions():
+    truth = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(depth_ssim_per_image(truth + 5, truth), ssim(torch.ones_like(truth), truth))
+
+
+# ---------------------------------------------------------------- classical baseline
+
+
+def test_classical_mask_baseline_hand_example():
+    bg = torch.zeros(1, 3, 2, 2)
+    bg_fg = bg.clone()
+    bg_fg[0, 1, 0, 0] = 0.5  # a large change in one channel
+    bg_fg[0, :, 1, 1] = 0.05  # a small change in every channel
+    mask = classical_mask_baseline(bg, bg_fg, threshold=0.1)
+    assert mask.dtype == torch.bool and mask.shape == (1, 1, 2, 2)
+    assert mask.flatten().tolist() == [True, False, False, False]
