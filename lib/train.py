@@ -422,6 +422,9 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
         saved = Config(**state["config"])
         cfg = dataclasses.replace(saved, epochs=cfg.epochs, out=cfg.out, workers=cfg.workers,
                                   skip_bad_samples=cfg.skip_bad_samples, log_every=cfg.log_every)
+        if saved.scheduler == "onecycle" and cfg.epochs != saved.epochs:
+            raise UserError(f"{out / 'last.pt'}: its onecycle schedule was planned for {saved.epochs} epochs; "
+                            f"resume with --epochs {saved.epochs}")
         if state["epoch"] >= cfg.epochs:
             raise UserError(f"{out / 'last.pt'}: already trained {state['epoch']} of {cfg.epochs} epochs; raise --epochs to go on")
     torch.manual_seed(cfg.seed)
