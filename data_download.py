@@ -1,0 +1,94 @@
+"""Get data in MODEST format: make the synthetic set, download the real MODEST zip, or verify what you have.
+
+    python data_download.py synthetic --out data/synthetic [--size 224] [--backgrounds 100] [--foregrounds 100]
+                                      [--placements 20] [--seed 0] [--zip] [--workers N]
+    python data_download.py modest [--out data] [--from PATH [--in-place]] [--extract] [--quick]
+    python data_download.py verify PATH [--quick]
+
+`modest` resumes an interrupted download when run again, and does nothing when a verified copy is there.
+If Google Drive refuses ("too many users"), copy the file into your own Drive and use `--from`.
+Add --debug to any command to see the full traceback of an error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from lib.download import QUICK_SAMPLE, REGISTRY, URL_ENV, count_samples, extract_zip, get_modest, verify_path
+from lib.errors import run_cli
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line: one subcommand per way of getting data."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    syn = sub.add_parser("synthetic", parents=[common], help="make the procedural MODEST-format dataset (no download)")
+    syn.add_argument("--out", required=True, help="folder to write (with --zip: the zip file; .zip is added if missing)")
+    syn.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
+    syn.add_argument("--backgrounds", type=int, default=100, help="number of backgrounds (default 100)")
+    syn.add_argument("--foregrounds", type=int, default=100, help="number of foregrounds (default 100)")
+    syn.add_argument("--placements", type=int, default=20,
+                     help="placements per bg/fg pair, doubled by flipping the fg (default 20 -> 40 samples a pair)")
+    syn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    syn.add_argument("--zip", action="store_true", help="write one zip instead of a folder")
+    syn.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+
+    entry = REGISTRY["modest"]
+    mod = sub.add_parser("modest", parents=[common], help=f"download and verify the MODEST zip (~6.6 GB, {entry['samples']:,} samples)")
+    mod.add_argument("--out", default="data", help="folder for the zip (default data/)")
+    mod.add_argument("--from", dest="from_path", metavar="PATH",
+                     help="take the zip from PATH (e.g. a mounted Google Drive) instead of downloading; copied into --out")
+    mod.add_argument("--in-place", action="store_true", help="with --from: verify and use the zip where it is, no copy")
+    mod.add_argument("--extract", action="store_true", help="also extract it into --out (atomically; the zip stays)")
+    mod.add_argument("--quick", action="store_true", help=f"check the CRC of {QUICK_SAMPLE} random members, not all")
+    mod.add_argument("--retries", type=int, default=3, help="reconnects within one run (default 3); a re-run resumes too")
+    mod.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server between bytes")
+    mod.epilog = f"Source: the Google Drive id in lib/download.py REGISTRY; ${URL_ENV} overrides it with any URL."
+
+    ver = sub.add_parser("verify", parents=[common], help="verify a MODEST zip (stamped when it passes) or folder")
+    ver.add_argument("path", help="a .zip or a dataset folder")
+    ver.add_argument("--quick", action="store_true", help=f"check {QUICK_SAMPLE} random members/files, not all")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; errors come back as UserError (one line, see lib.errors.run_cli)."""
+    args = parse_args(argv)
+    progress = not args.quiet
+    if args.command == "synthetic":
+        from lib.synthetic import make_synthetic_dataset  # only this command needs it
+
+        path = make_synthetic_dataset(
+            Path(args.out), size=args.size, backgrounds=args.backgrounds, foregrounds=args.foregrounds,
+            placements=args.placements, seed=args.seed, as_zip=args.zip, workers=args.workers, progress=progress,
+        )
+        print(f"wrote {count_samples(path):,} samples to {path}")
+    elif args.command == "modest":
+        got = get_modest(
+            args.out, from_path=args.from_path, in_place=args.in_place, quick=args.quick,
+            retries=args.retries, timeout=args.timeout, progress=progress,
+        )
+        if got.report is None:
+            print(f"already verified: {got.path} (stamp {got.stamp}); nothing to do")
+        else:
+            print(f"{got.action}: {got.path}: {got.report.describe()}")
+            if got.report.sha256:
+                print(f"sha256 {got.report.sha256}")
+        if args.extract:
+            folder, fresh = extract_zip(got.path, args.out, progress=progress)
+            print(f"{'extracted to' if fresh else 'already extracted:'} {folder}")
+    elif args.command == "verify":
+        report, stamp = verify_path(args.path, quick=args.quick, progress=progress)
+        print(f"ok: {report.path}: {report.describe()}")
+        if stamp is not None:
+            print(f"stamp: {stamp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
