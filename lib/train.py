@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Sampler
 
 from .data import ModestDataset, default_device, make_loader
 from .errors import DataError, UserError, run_cli
@@ -36,7 +36,7 @@ from .metrics import Metrics
 from .models import MODEL_SIZE_MULTIPLE, MODELS, as_outputs, count_parameters, make_model
 
 CHECKPOINT_FORMAT = "bgfg-mask-depth/1"
-DEMO_DATA = dict(size=64, backgrounds=60, foregrounds=30, placements=3, seed=0)  # 10,800 samples, ~30 s to write
+DEMO_DATA = dict(size=64, backgrounds=40, foregrounds=20, placements=2, seed=0)  # 3,200 samples
 
 
 @dataclasses.dataclass
@@ -156,10 +156,15 @@ class ShardSampler(Sampler):
 
 
 class EpochSampler(Sampler):
-    """A fresh permutation each epoch from (seed, epoch), optionally capped: resumable and identical across ranks."""
+    """A fresh permutation each epoch from (seed, epoch), optionally capped: resumable.
 
-    def __init__(self, length: int, seed: int, limit: int | None = None):
+    Under torchrun every rank draws the same permutation, cuts it to a multiple of `world_size` and takes
+    every `world_size`-th index from `rank`: the ranks together see what one process would (less < world_size).
+    """
+
+    def __init__(self, length: int, seed: int, limit: int | None = None, rank: int = 0, world_size: int = 1):
         self.length, self.seed, self.limit, self.epoch = length, seed, limit, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -167,10 +172,12 @@ class EpochSampler(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(self.length, generator=g)
-        return iter(perm[: len(self)].tolist())
+        total = len(self) * self.world_size
+        return iter(perm[:total][self.rank :: self.world_size].tolist())
 
     def __len__(self) -> int:
-        return self.length if self.limit is None else min(self.limit, self.length)
+        capped = self.length if self.limit is None else min(self.limit, self.length)
+        return capped // self.world_size
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -231,7 +238,7 @@ def train_one_epoch(
         loss_sum += loss.detach().double() * n
         if step % log_every == 0 or step == len(loader):
             running = loss_sum.item() / samples  # the one host sync per log interval
-            if not math.isfinite(running):
+            if not math.isfinite(running) and not dist.is_initialized():  # under DDP all ranks stop together, below
                 raise NonFiniteLoss(running)
             if progress is not None:
                 with torch.no_grad():
@@ -411,6 +418,8 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
 
     validate_config(cfg)
     device = torch.device(os.environ.get("LIB_DEVICE") or default_device())
+    if cfg.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type != "cuda":
+        raise UserError(f"--sync-bn needs CUDA GPUs (SyncBatchNorm has no {device.type} implementation); leave it out")
     ddp = init_distributed(device)
     if ddp.enabled and device.type == "cuda":
         device = torch.device("cuda", ddp.local_rank)
@@ -440,12 +449,8 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
     train_set, val_set = dataset.subset("train", cfg.augment), dataset.subset("val")
     if len(train_set) == 0 or len(val_set) == 0:
         raise UserError(f"{root}: too few samples to split into train and val ({len(dataset)})")
-    if ddp.enabled:
-        train_sampler = DistributedSampler(train_set, ddp.world_size, ddp.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        val_sampler = ShardSampler(len(val_set), ddp.rank, ddp.world_size)
-    else:
-        train_sampler = EpochSampler(len(train_set), cfg.seed, cfg.max_train_samples)
-        val_sampler = None
+    train_sampler = EpochSampler(len(train_set), cfg.seed, cfg.max_train_samples, ddp.rank, ddp.world_size)
+    val_sampler = ShardSampler(len(val_set), ddp.rank, ddp.world_size) if ddp.enabled else None
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, device=device, skip_bad_samples=cfg.skip_bad_samples)
     train_loader = make_loader(train_set, shuffle=False, sampler=train_sampler, drop_last=len(train_sampler) > cfg.batch_size, **common)
     val_loader = make_loader(val_set, shuffle=False, sampler=val_sampler, **common)
@@ -490,7 +495,7 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
         for epoch in range(start_epoch, cfg.epochs + 1):
             train_sampler.set_epoch(epoch)
             if train_set.augment is not None:  # in-process loading; worker processes reseed from the torch RNG
-                train_set.augment.set_random_seed(cfg.seed * 100_003 + epoch)
+                train_set.augment.set_random_seed(cfg.seed * 100_003 + epoch + 7919 * ddp.rank)
             bar = tqdm(total=len(train_loader) + len(val_loader), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                        disable=not (progress and ddp.is_main), dynamic_ncols=True)
             lr = optimizer.param_groups[0]["lr"]
@@ -499,9 +504,16 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
                                     log_every=cfg.log_every, progress=bar)
             if scheduler is not None and not getattr(scheduler, "per_step", False):
                 scheduler.step()
+            if ddp.enabled:  # each rank's BatchNorm statistics are its own: evaluate rank 0's, the ones saved
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, 0)
             val = evaluate(model, val_loader, loss_fn, device, amp_dtype=amp_dtype, channels_last=channels_last, progress=bar)
             bar.close()
             skipped = train_loader.skipped + val_loader.skipped
+            if ddp.enabled:  # every rank's skipped samples, listed by rank 0
+                gathered: list = [None] * ddp.world_size
+                dist.all_gather_object(gathered, skipped)
+                skipped = [item for part in gathered for item in part]
             record = {"epoch": epoch, "train_loss": train["train_loss"], "val_loss": val.pop("val_loss"), "lr": lr,
                       "seconds": round(train["seconds"], 2), "samples_per_s": round(train["samples"] / train["seconds"], 1),
                       **val}
@@ -584,12 +596,34 @@ def resolve_data(data: str, progress: bool = True) -> Path:
 
         d = DEMO_DATA
         folder = Path("data") / f"synthetic-{d['size']}px-{d['backgrounds']}x{d['foregrounds']}x{2 * d['placements']}-seed{d['seed']}"
-        return make_synthetic_dataset(folder, progress=progress, **d)
+        with _one_at_a_time(Path("data")):
+            return make_synthetic_dataset(folder, progress=progress, **d)
     if data == "modest":
         from .download import download_modest
 
-        return download_modest(Path("data") / "modest")
+        with _one_at_a_time(Path("data")):
+            return download_modest(Path("data") / "modest")
     return Path(data)
+
+
+@contextlib.contextmanager
+def _one_at_a_time(folder: Path):
+    """Under torchrun, one process at a time makes or downloads the data; the others then find it done."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no torchrun multi-process data race to guard
+        yield
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -642,12 +676,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     validate_config(cfg)
+    data_progress = not args.quiet and int(os.environ.get("RANK", "0")) == 0
     if args.resume:
         saved = load_checkpoint(Path(cfg.out) / "last.pt", expect_model=args.model)["config"]
         cfg = dataclasses.replace(cfg, model=saved["model"], epochs=args.epochs or saved["epochs"])
-        root = resolve_data(saved["data"], progress=not args.quiet)
+        root = resolve_data(saved["data"], progress=data_progress)
     else:
-        root = resolve_data(cfg.data, progress=not args.quiet)
+        root = resolve_data(cfg.data, progress=data_progress)
     history = fit(cfg, root, resume=args.resume, progress=not args.quiet)
     if history and int(os.environ.get("RANK", "0")) == 0:
         best = min(history, key=lambda r: r["val_loss"])

@@ -1,0 +1,297 @@
+"""The procedural MODEST-format dataset: layout, determinism, physics, flips, resume, zip (tiny sizes, seconds)."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import simplejpeg
+
+from lib import synthetic
+from lib.errors import UserError
+from lib.synthetic import MAX_DEPTH, encode_depth, make_figure, make_synthetic_dataset, paste_figure, render_room
+
+ARGS = dict(size=64, backgrounds=2, foregrounds=2, placements=3, seed=7)
+P = ARGS["placements"]
+N = ARGS["backgrounds"] * ARGS["foregrounds"] * 2 * P
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every file under root, by relative path."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """A grayscale JPEG as (H, W) uint8."""
+    return simplejpeg.decode_jpeg(path.read_bytes(), colorspace="GRAY")[..., 0]
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An RGB JPEG as (H, W, 3) uint8."""
+    return simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB")
+
+
+def read_bbox(root: Path) -> dict[str, tuple[int, int, int, int]]:
+    """bbox.txt as {sample name: (x, y, w, h)}."""
+    out = {}
+    for line in (root / "bbox.txt").read_text().splitlines():
+        name, *xywh = line.split("\t")
+        out[name[: -len(".jpeg")]] = tuple(int(v) for v in xywh)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """2 bg x 2 fg x (3 + 3 flipped) placements at 64 px, one worker."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn") / "ds", workers=1, progress=False, **ARGS)
+
+
+def test_layout_matches_modest(dataset):
+    lines = (dataset / "file_map.txt").read_text().splitlines()
+    assert len(lines) == N
+    assert lines[0] == "bg001\tbg001_fg001_01\tbg001_fg001_01_mask\tbg001_fg001_01_depth_map"
+    assert lines[-1] == "bg002\tbg002_fg002_06\tbg002_fg002_06_mask\tbg002_fg002_06_depth_map"
+    for line in lines:
+        bg, bg_fg, mask, depth = line.split("\t")
+        assert (dataset / "bg" / f"{bg}.jpeg").is_file()
+        assert (dataset / "bg_fg" / f"{bg_fg}.jpeg").is_file()
+        assert (dataset / "bg_fg_mask" / f"{mask}.jpeg").is_file()
+        assert (dataset / "bg_fg_depth_map" / f"{depth}.jpeg").is_file()
+    counts = {"bg": 2, "fg": 2, "fg_mask": 2, "bg_fg": N, "bg_fg_mask": N, "bg_fg_depth_map": N}
+    for folder, count in counts.items():
+        assert len(list((dataset / folder).iterdir())) == count, folder
+    assert sorted(p.name for p in dataset.iterdir()) == sorted(
+        ["bbox.txt", "dataset.json", "file_map.txt", *synthetic.FOLDERS])
+    boxes = read_bbox(dataset)
+    assert list(boxes) == [ln.split("\t")[1] for ln in lines]
+    for x, y, w, h in boxes.values():
+        assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64 and h >= synthetic._min_figure_height(64)
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert {k: meta[k] for k in ARGS} == ARGS
+    assert meta["format"] == "modest" and meta["samples"] == N and meta["max_depth"] == MAX_DEPTH
+    # images: RGB 64x64 JPEGs, gray masks/depths; fg cut-outs RGBA at the canonical height (108 * 64 / 224)
+    assert read_rgb(dataset / "bg_fg" / "bg001_fg001_01.jpeg").shape == (64, 64, 3)
+    assert read_gray(dataset / "bg_fg_mask" / "bg001_fg001_01_mask.jpeg").shape == (64, 64)
+    import cv2
+    fg = cv2.imread(str(dataset / "fg" / "fg001.png"), cv2.IMREAD_UNCHANGED)
+    fg_mask = cv2.imread(str(dataset / "fg_mask" / "fg001_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert fg.shape[0] == 31 and fg.shape[2] == 4 and fg_mask.shape == fg.shape[:2]
+    assert set(np.unique(fg_mask)) == {0, 255}
+    assert np.array_equal(fg_mask == 255, fg[..., 3] >= 128)
+
+
+def test_same_arguments_give_identical_files_whatever_the_workers(dataset, tmp_path):
+    other = make_synthetic_dataset(tmp_path / "two", workers=2, progress=False, **ARGS)
+    assert read_tree(other) == read_tree(dataset)
+    changed = make_synthetic_dataset(tmp_path / "seed8", workers=2, progress=False, **{**ARGS, "seed": 8})
+    assert read_tree(changed)["bg/bg001.jpeg"] != read_tree(dataset)["bg/bg001.jpeg"]
+
+
+def test_mask_is_where_the_image_changed_and_depth_is_in_front(dataset):
+    for line in (dataset / "file_map.txt").read_text().splitlines():
+        bg_name, name, mask_name, depth_name = line.split("\t")
+        b = int(bg_name[2:]) - 1
+        bg = read_rgb(dataset / "bg" / f"{bg_name}.jpeg").astype(int)
+        bg_fg = read_rgb(dataset / "bg_fg" / f"{name}.jpeg").astype(int)
+        mask = read_gray(dataset / "bg_fg_mask" / f"{mask_name}.jpeg") > 127
+        depth = read_gray(dataset / "bg_fg_depth_map" / f"{depth_name}.jpeg").astype(int)
+        _, room_depth = render_room(synthetic._make_rng(ARGS["seed"], 0, b), ARGS["size"])
+        room_depth = encode_depth(room_depth).astype(int)
+        changed = np.abs(bg_fg - bg).max(2) > 40
+        inside = mask & ~_grow(~mask)  # mask pixels at least one pixel from its border
+        outside = ~_grow(mask)
+        assert changed[outside].mean() < 0.01, name  # nothing changed away from the figure
+        assert changed[inside].mean() > 0.4, name  # the figure differs from the room it hides (JPEG blurs colours)
+        # away from the figure the depth map is the room's; under it, the figure is in front of the room
+        assert np.abs(depth - room_depth)[outside & ~_grow(_grow(mask))].max() <= 12, name
+        assert (depth[inside] <= room_depth[inside] + 3).mean() > 0.97, name
+        assert depth[inside].mean() < room_depth[inside].mean() - 3, name
+        soles = np.nonzero(mask.any(1))[0].max()  # the figure touches the floor: same depth at its lowest row
+        assert np.median(np.abs(depth[soles] - room_depth[soles])[mask[soles]]) <= 4, name
+        # (nearly) constant: a vertical plane through the feet; the camera's pitch tilts it by <= 0.5 m (~6 levels)
+        assert depth[inside].std() <= 3.5 and np.ptp(np.percentile(depth[inside], [5, 95])) <= 12, name
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """Binary dilation by one pixel (8-neighbourhood)."""
+    out = mask.copy()
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            out |= np.roll(np.roll(mask, dy, 0), dx, 1)
+    return out
+
+
+def test_farther_figures_are_smaller_and_stand_higher(dataset):
+    boxes = read_bbox(dataset)
+    for b in (1, 2):
+        for f in (1, 2):
+            rows = []
+            for k in range(1, P + 1):
+                name = f"bg{b:03d}_fg{f:03d}_{k:02d}"
+                x, y, w, h = boxes[name]
+                depth = read_gray(dataset / "bg_fg_depth_map" / f"{name}_depth_map.jpeg").astype(float)
+                mask = read_gray(dataset / "bg_fg_mask" / f"{name}_mask.jpeg") > 127
+                rows.append((np.median(depth[mask & ~_grow(~mask)]), h, y + h))
+            rows.sort()
+            for (d0, h0, feet0), (d1, h1, feet1) in zip(rows, rows[1:]):
+                if d1 - d0 >= 3:  # clearly farther (8-bit depth, JPEG noise)
+                    assert h1 < h0 and feet1 < feet0, rows
+
+
+def test_placements_follow_the_projection():
+    """Directly, over many placements: pixel height and feet row both fall as the feet's z-depth grows."""
+    room = synthetic.make_room(synthetic._make_rng(3, 0, 0), 128)
+    rng = np.random.default_rng(0)
+    places = synthetic.place_figures(rng, room, 1.7, 0.35, 40)
+    z = np.array([room.camera.project(p.feet)[2] for p in places])
+    order = np.argsort(z)
+    heights = np.array([p.h for p in places])[order]
+    feet = np.array([p.y + p.h for p in places])[order]
+    assert np.all(np.diff(heights) <= 1) and heights[0] > heights[-1]
+    assert np.all(np.diff(feet) <= 1) and feet[0] > feet[-1]
+    for p, depth in zip(places, z):
+        u, v, _ = room.camera.project(p.feet)
+        assert abs(v - (p.y + p.h)) <= 0.5 and abs(u - (p.x + p.w / 2)) <= 1  # the soles are on the feet's point
+        assert abs(depth * p.h - 1.7 * room.camera.focal) < 0.25 * 1.7 * room.camera.focal  # h ~ f * height / z
+        assert abs(synthetic._figure_depth(room.camera, p)[-1].mean() - depth) < 0.05  # feet row: their depth
+
+
+def test_rooms_are_deeper_toward_the_horizon():
+    for i in range(4):
+        rgb, depth = render_room(synthetic._make_rng(0, 0, i), 96)
+        assert rgb.shape == (96, 96, 3) and rgb.dtype == np.uint8
+        assert depth.shape == (96, 96) and depth.dtype == np.float32
+        column = depth[-30:, 48][::-1]  # bottom rows (the floor), going up the image
+        assert np.all(np.diff(column) > 0)
+        room = synthetic.make_room(synthetic._make_rng(0, 0, i), 96)
+        cam = room.camera
+        # the floor's depth is exact: t of the ray-plane intersection with y = 0 is the z-depth
+        ray = cam.make_rays(np.float64(48.5), np.float64(95.5))
+        assert room.surface[95, 48] == synthetic.FLOOR
+        assert depth[95, 48] == pytest.approx(-cam.origin[1] / ray[1], rel=1e-5)
+        _, _, z = cam.project(cam.origin + depth[95, 48] * ray)
+        assert z == pytest.approx(depth[95, 48], rel=1e-5)
+        assert 1.5 < depth.min() and depth.max() < MAX_DEPTH * 1.2
+
+
+def test_flipped_placements_mirror_the_figure(dataset):
+    boxes = read_bbox(dataset)
+    mirrored_err = plain_err = 0.0
+    for b in (1, 2):
+        for f in (1, 2):
+            for k in range(1, P + 1):
+                a, m = f"bg{b:03d}_fg{f:03d}_{k:02d}", f"bg{b:03d}_fg{f:03d}_{k + P:02d}"
+                assert boxes[a] == boxes[m]  # same standing point, figure flipped in place
+                x, y, w, h = boxes[a]
+                mask_a = read_gray(dataset / "bg_fg_mask" / f"{a}_mask.jpeg")[y:y + h, x:x + w] > 127
+                mask_m = read_gray(dataset / "bg_fg_mask" / f"{m}_mask.jpeg")[y:y + h, x:x + w] > 127
+                assert (mask_a == mask_m[:, ::-1]).mean() > 0.98
+                img_a = read_rgb(dataset / "bg_fg" / f"{a}.jpeg")[y:y + h, x:x + w].astype(float)
+                img_m = read_rgb(dataset / "bg_fg" / f"{m}.jpeg")[y:y + h, x:x + w].astype(float)
+                both = mask_a & mask_m[:, ::-1]
+                mirrored_err += np.abs(img_a - img_m[:, ::-1])[both].mean()
+                plain_err += np.abs(img_a - img_m)[both].mean()
+    assert mirrored_err < 0.5 * plain_err  # the pixels are mirrored, not just the (near-symmetric) outline
+
+
+def test_interrupted_run_resumes_to_identical_files(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+    real = synthetic._make_pair
+    calls = []
+
+    def failing(task):
+        calls.append(task)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if Ctrl-C after two (bg, fg) pairs
+        return real(task)
+
+    monkeypatch.setattr(synthetic, "_make_pair", failing)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic_dataset(out, workers=1, progress=False, **ARGS)
+    partial = tmp_path / "ds.partial"
+    assert not out.exists() and partial.is_dir()
+    with open(partial / ".progress", "a") as fh:
+        fh.write("bg002_fg001_0")  # killed mid-way through logging the next pair
+    (partial / "bg_fg" / "bg002_fg001_01.jpeg").write_bytes(b"\xff\xd8 truncated")
+
+    calls.clear()
+    monkeypatch.setattr(synthetic, "_make_pair", lambda task: (calls.append(task), real(task))[1])
+    assert make_synthetic_dataset(out, workers=1, progress=False, **ARGS) == out
+    assert calls == [(1, 0), (1, 1)]  # only the two unfinished pairs were redone
+    assert not partial.exists()
+    assert read_tree(out) == read_tree(dataset)
+
+
+def test_finished_dataset_is_not_rewritten(dataset, monkeypatch):
+    before = {p: p.stat().st_mtime_ns for p in dataset.rglob("*")}
+    monkeypatch.setattr(synthetic, "_make_pair", lambda task: pytest.fail("regenerated a finished dataset"))
+    assert make_synthetic_dataset(dataset, workers=2, progress=True, **ARGS) == dataset
+    assert {p: p.stat().st_mtime_ns for p in dataset.rglob("*")} == before
+    with pytest.raises(UserError, match="already exists"):
+        make_synthetic_dataset(dataset, workers=1, progress=False, **{**ARGS, "seed": 1})
+
+
+def test_zip_output_holds_the_same_files_stored(dataset, tmp_path, monkeypatch):
+    real = synthetic._make_pair
+    monkeypatch.setattr(synthetic, "_make_pair", lambda task: real(task) if task != (1, 0) else 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # an interrupted zip leaves nothing behind; the next run restarts
+        make_synthetic_dataset(tmp_path / "ds", as_zip=True, workers=1, progress=False, **ARGS)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    path = make_synthetic_dataset(tmp_path / "ds", as_zip=True, workers=2, progress=False, **ARGS)
+    assert path == tmp_path / "ds.zip" and path.is_file()
+    assert not (tmp_path / "ds.zip.partial").exists()
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
+        assert {i.filename: z.read(i) for i in infos} == read_tree(dataset)
+    mtime = path.stat().st_mtime_ns
+    assert make_synthetic_dataset(tmp_path / "ds.zip", as_zip=True, workers=1, progress=False, **ARGS) == path
+    assert path.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("bad", [dict(size=31), dict(size=64.0), dict(backgrounds=0), dict(foregrounds=1000),
+                                 dict(placements=50), dict(placements=0), dict(seed=-1), dict(workers=0)])
+def test_bad_arguments_are_user_errors(tmp_path, bad):
+    with pytest.raises(UserError):
+        make_synthetic_dataset(tmp_path / "x", progress=False, **{**ARGS, **bad})
+    assert not (tmp_path / "x").exists()
+
+
+def test_paste_figure_composites_by_alpha():
+    bg = np.full((4, 5, 3), 100, np.uint8)
+    fg = np.zeros((2, 2, 4), np.uint8)
+    fg[..., :3] = 200
+    fg[:, 0, 3] = (255, 128)  # opaque, half
+    fg[:, 1, 3] = (127, 0)  # just under half, transparent
+    out, mask = paste_figure(bg, fg, 3, 2)
+    assert out[2:, 3:, 0].tolist() == [[200, 150], [150, 100]]
+    assert (out[:2] == 100).all() and (out[:, :3] == 100).all()
+    assert mask.tolist() == [[0] * 5, [0] * 5, [0, 0, 0, 255, 0], [0, 0, 0, 255, 0]]
+    out, mask = paste_figure(bg, fg, 3, 2, flip=True)
+    assert out[2:, 3:, 0].tolist() == [[150, 200], [100, 150]]
+    assert mask[2:, 3:].tolist() == [[0, 255], [0, 255]]
+    for x, y in ((4, 2), (-1, 0), (0, 3)):
+        with pytest.raises(ValueError, match="fully inside"):
+            paste_figure(bg, fg, x, y)
+
+
+def test_encode_depth_is_linear_to_max_depth():
+    assert encode_depth(np.array([0.0, MAX_DEPTH / 2, MAX_DEPTH, 2 * MAX_DEPTH])).tolist() == [0, 128, 255, 255]
+    assert encode_depth(np.float32(MAX_DEPTH / 255 * 10)) == 10
+    assert np.allclose(synthetic.decode_depth(encode_depth(np.linspace(0, MAX_DEPTH, 50))),
+                       np.linspace(0, MAX_DEPTH, 50), atol=MAX_DEPTH / 255 / 2 + 1e-6)
+
+
+def test_figures_are_exact_height_deterministic_cutouts():
+    fig = make_figure(np.random.default_rng(5), 108)
+    assert fig.dtype == np.uint8 and fig.ndim == 3 and fig.shape[0] == 108 and fig.shape[2] == 4
+    assert 20 < fig.shape[1] < 100
+    alpha = fig[..., 3]
+    assert alpha[0].max() > 0 and alpha[-1].max() > 0  # head at the top row, soles at the bottom row
+    assert alpha[:, 0].max() > 0 and alpha[:, -1].max() > 0  # cropped to the figure
+    assert 0.2 < (alpha >= 128).mean() < 0.8 and set(np.unique(alpha)) > {0, 255}
+    assert np.array_equal(make_figure(np.random.default_rng(5), 108), fig)
+    assert not np.array_equal(make_figure(np.random.default_rng(6), 108)[..., 3], alpha)
