@@ -1,0 +1,183 @@
+"""ipywidgets on top of lib.plots (the validation-set browser), and the notebooks' display helpers."""
+from __future__ import annotations
+
+import base64
+import io
+from collections import OrderedDict
+from typing import Sequence
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from .plots import DEPTH_CMAP, _image, predict_samples
+
+OVERLAY_RGBA = (1.0, 0.15, 0.1, 0.45)  # predicted mask drawn over bg_fg: translucent red
+TRUE_EDGE = "cyan"  # outline of the true mask on the overlay
+ERROR_CMAP = "inferno"
+DEPTH_ERROR_MAX = 0.25  # top of the depth error colour scale (depth in [0, 1]); most errors are well below 1
+CACHE_SIZE = 64  # predictions kept per browser (one sample each)
+
+
+def plot_browser_sample(
+    sample: dict,
+    mask_prob: torch.Tensor,
+    depth: torch.Tensor | None = None,
+    overlay: bool = True,
+    error_map: bool = False,
+) -> Figure:
+    """One sample in a row: bg_fg (predicted mask overlaid), true | predicted mask, true | predicted depth, error map.
+
+    `sample` holds uint8 CHW tensors (mask 0/1); `mask_prob` (1, H, W) in [0, 1]; `depth` (1, H, W) in [0, 1] or None
+    (MaskNet). The error map is |predicted - true| depth, or |probability - true| mask without depth.
+    """
+    true_mask = sample["mask"].float()  # (1, H, W) in {0, 1}
+    hit = (mask_prob >= 0.5).float()
+    union = float(((hit + true_mask) > 0).sum())
+    iou = float((hit * true_mask).sum()) / union if union else 1.0
+    panels = [("bg_fg + predicted mask" if overlay else "bg_fg", sample["bg_fg"], None, 1.0),
+              ("true mask", true_mask, "gray", 1.0), (f"predicted mask (IoU {iou:.2f})", mask_prob, "gray", 1.0)]
+    if depth is not None:
+        true_depth = sample["depth"].float() / 255.0  # (1, H, W) in [0, 1]
+        rmse = float(((depth - true_depth) ** 2).mean().sqrt())
+        panels += [("true depth", true_depth, DEPTH_CMAP, 1.0), (f"predicted depth (RMSE {rmse:.3f})", depth, DEPTH_CMAP, 1.0)]
+        if error_map:
+            panels.append(("depth error |pred - true|", (depth - true_depth).abs(), ERROR_CMAP, DEPTH_ERROR_MAX))
+    elif error_map:
+        panels.append(("mask error |prob - true|", (mask_prob - true_mask).abs(), ERROR_CMAP, 1.0))
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.6), squeeze=False)
+    for ax, (title, img, cmap, vmax) in zip(axes[0], panels):
+        shown = ax.imshow(_image(img), cmap=cmap, vmin=0, vmax=vmax)
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    if error_map:
+        fig.colorbar(shown, ax=axes[0, -1], fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
+    if overlay:
+        ax = axes[0, 0]
+        layer = np.zeros((*hit.shape[-2:], 4), dtype=np.float32)  # (H, W, RGBA)
+        layer[hit[0].numpy() > 0] = OVERLAY_RGBA
+        ax.imshow(layer)
+        if true_mask.any():
+            ax.contour(true_mask[0].numpy(), levels=[0.5], colors=TRUE_EDGE, linewidths=0.8)
+    fig.suptitle(sample.get("name", ""), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def pick_samples(dataset, count: int, seed: int = 0) -> list[dict]:
+    """`count` samples of `dataset` drawn at random with `seed` (the same ones every time), in index order."""
+    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return [dataset[i] for i in sorted(picks.tolist())]
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """The PNG bytes of `fig` (the figure is left open)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def show_figure(fig: Figure) -> None:
+    """Display `fig` in the notebook as a PNG and close it: one image, whatever matplotlib backend is active."""
+    from IPython.display import Image, display
+
+    try:
+        display(Image(data=figure_png(fig)))
+    finally:
+        plt.close(fig)
+
+
+class Browser(widgets.VBox):
+    """Browse a dataset's samples with the model's predictions: a sample slider and two toggles over one image.
+
+    Controls are attributes so code (and tests) can drive them: `index` (IntSlider), `overlay` and `error_map`
+    (ToggleButton), `output` (Output holding the rendered PNG); `png` holds the last rendering's bytes.
+    """
+
+    def __init__(self, model: torch.nn.Module, dataset, device: torch.device | str = "cpu"):
+        if len(dataset) == 0:
+            raise ValueError("the dataset to browse is empty")
+        self.model, self.dataset, self.device = model, dataset, torch.device(device)
+        self._cache: OrderedDict[int, tuple[dict, torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.predictions = 0  # model calls so far (one sample each)
+        self.index = widgets.IntSlider(value=0, min=0, max=len(dataset) - 1, description="sample",
+                                       continuous_update=False)
+        self.overlay = widgets.ToggleButton(value=True, description="mask overlay", tooltip="predicted mask on bg_fg")
+        self.error_map = widgets.ToggleButton(value=False, description="error map", tooltip="|predicted - true|")
+        self.output = widgets.Output()
+        self.png = b""
+        for control in (self.index, self.overlay, self.error_map):
+            control.observe(self._on_change, names="value")
+        super().__init__([widgets.HBox([self.index, self.overlay, self.error_map]), self.output])
+        self.render()
+
+    def predict(self, index: int) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+        """(sample, mask probability (1, H, W), depth (1, H, W) or None) for one sample; cached per index."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        sample = self.dataset[index]
+        if "error" in sample:  # a loader set catch_errors: show the problem rather than a blank panel
+            raise ValueError(sample["error"])
+        _, probs, depth = predict_samples(self.model, [sample], self.device)
+        self.predictions += 1
+        entry = (sample, probs[0], depth[0] if depth is not None else None)
+        self._cache[index] = entry
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return entry
+
+    def make_figure(self) -> Figure:
+        """The current view as a Figure (the caller closes it)."""
+        sample, mask_prob, depth = self.predict(self.index.value)
+        return plot_browser_sample(sample, mask_prob, depth, overlay=self.overlay.value, error_map=self.error_map.value)
+
+    def render(self) -> None:
+        """Draw the current view into `output` (as one PNG; no figure is left open)."""
+        fig = self.make_figure()
+        try:
+            self.png = figure_png(fig)
+        finally:
+            plt.close(fig)
+        data = {"image/png": base64.b64encode(self.png).decode("ascii"), "text/plain": f"<sample {self.index.value}>"}
+        self.output.outputs = ({"output_type": "display_data", "data": data, "metadata": {}},)
+
+    def _on_change(self, change) -> None:
+        self.render()
+
+
+def make_browser(model: torch.nn.Module, dataset, device: torch.device | str = "cpu") -> Browser:
+    """An interactive browser over `dataset` (use the validation split) showing `model`'s predictions."""
+    return Browser(model, dataset, device)
+
+
+METRIC_NAMES = {
+    "val_loss": "val loss",
+    "train_loss": "train loss",
+    "mask_iou": "mask IoU",
+    "mask_dice": "mask Dice",
+    "depth_rmse": "depth RMSE",
+    "depth_mae": "depth MAE",
+    "depth_absrel": "depth AbsRel",
+    "depth_delta1": "depth delta<1.25",
+    "depth_ssim": "depth SSIM",
+    "samples_per_s": "train samples/s",
+    "seconds": "train seconds",
+}
+
+
+def make_metrics_table(history: Sequence[dict]) -> str:
+    """A Markdown table of the best (lowest val loss) and last epochs' metrics from a fit history."""
+    if not history:
+        return "_no epochs trained yet_"
+    best = min(history, key=lambda r: r["val_loss"])
+    last = history[-1]
+    rows = [f"| metric | best (epoch {best['epoch']}) | last (epoch {last['epoch']}) |", "|---|---:|---:|"]
+    for key, label in METRIC_NAMES.items():
+        if key in last:
+            digits = 1 if key in ("samples_per_s", "seconds") else 4
+            rows.append(f"| {label} | {best[key]:.{digits}f} | {last[key]:.{digits}f} |")
+    return "\n".join(rows)
