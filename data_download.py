@@ -4,9 +4,12 @@
                                       [--placements 20] [--seed 0] [--zip] [--workers N]
     python data_download.py modest [--out data] [--from PATH [--in-place]] [--extract] [--quick]
     python data_download.py verify PATH [--quick]
+    python data_download.py build --backgrounds DIR --foregrounds DIR --out DIR [--size 224] [--placements 20]
+                                  [--depth-model CKPT_OR_HUB_ENTRY] [--seed 0]
 
 `modest` resumes an interrupted download when run again, and does nothing when a verified copy is there.
 If Google Drive refuses ("too many users"), copy the file into your own Drive and use `--from`.
+`build` makes a MODEST-format dataset from your own photos and cut-outs (see lib/build.py for the recipe).
 Add --debug to any command to see the full traceback of an error.
 """
 from __future__ import annotations
@@ -53,6 +56,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ver = sub.add_parser("verify", parents=[common], help="verify a MODEST zip (stamped when it passes) or folder")
     ver.add_argument("path", help="a .zip or a dataset folder")
     ver.add_argument("--quick", action="store_true", help=f"check {QUICK_SAMPLE} random members/files, not all")
+
+    bld = sub.add_parser("build", parents=[common], help="make a MODEST-format dataset from your own backgrounds and cut-outs")
+    bld.add_argument("--backgrounds", required=True, help="folder of background photos (centre-cropped, resized to --size)")
+    bld.add_argument("--foregrounds", required=True, help="folder of cut-outs with transparency (PNG with alpha)")
+    bld.add_argument("--out", required=True, help="dataset folder to write (must not exist, or be empty)")
+    bld.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
+    bld.add_argument("--placements", type=int, default=20,
+                     help="random positions per bg/fg pair, doubled by flipping the cut-out (default 20 -> 40 samples a pair)")
+    bld.add_argument("--depth-model", default=None,
+                     help="a DepthNet checkpoint (runs/x/best.pt) or a torch.hub entry such as intel-isl/MiDaS:MiDaS_small "
+                          "(needs internet); without it depth maps are a flat placeholder")
+    bld.add_argument("--seed", type=int, default=0, help="random seed for the positions (default 0)")
     return parser.parse_args(argv)
 
 
@@ -82,6 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.extract:
             folder, fresh = extract_zip(got.path, args.out, progress=progress)
             print(f"{'extracted to' if fresh else 'already extracted:'} {folder}")
+    elif args.command == "build":
+        from lib.build import build_dataset, describe  # only this command needs it
+
+        path = build_dataset(args.backgrounds, args.foregrounds, args.out, size=args.size, placements=args.placements,
+                             depth_model=args.depth_model, seed=args.seed, progress=progress)
+        print(describe(path))
     elif args.command == "verify":
         report, stamp = verify_path(args.path, quick=args.quick, progress=progress)
         print(f"ok: {report.path}: {report.describe()}")

@@ -7,9 +7,15 @@ batched tensor operation for the GPU, applied after collation.
 """
 from __future__ import annotations
 
-import albumentations as A
 import numpy as np
 import torch
+
+from .errors import UserError
+
+try:  # the CPU pipeline; the GPU path (`jitter_batch`, `flip_batch`) needs only torch
+    import albumentations as A
+except ImportError:  # pragma: no cover - requirements.txt installs it
+    A = None
 
 HUE_SHIFT = 20  # OpenCV hue units (0..180), as albumentations' HueSaturationValue
 SAT_SHIFT = 30  # 0..255 units
@@ -18,8 +24,22 @@ BRIGHTNESS = 0.2  # fraction of the full range
 CONTRAST = 0.2  # relative
 
 
+class MissingAlbumentations:
+    """Stands in for the CPU pipeline where albumentations is not installed: the GPU path still knows augmentation
+    was asked for; the CPU path raises a UserError saying what to install."""
+
+    def set_random_seed(self, seed: int | None) -> None:
+        """Nothing to seed."""
+
+    def __call__(self, **images):
+        raise UserError("augmentation on the CPU needs albumentations (pip install albumentations); "
+                        "or augment on the device (data_mode='gpu'), or turn augmentation off")
+
+
 def make_train_augment(p_flip: float = 0.5, p_color: float = 0.5, seed: int | None = None) -> A.Compose:
     """The training pipeline: horizontal flip of all four images, shared HSV and brightness/contrast on bg and bg_fg."""
+    if A is None:
+        return MissingAlbumentations()
     return A.Compose(
         [
             A.HorizontalFlip(p=p_flip),
@@ -33,6 +53,8 @@ def make_train_augment(p_flip: float = 0.5, p_color: float = 0.5, seed: int | No
 
 def make_flip_augment(p_flip: float = 0.5, seed: int | None = None) -> A.Compose:
     """Geometric part only (the photometric part then runs on the GPU with `jitter_batch`)."""
+    if A is None:
+        return MissingAlbumentations()
     return A.Compose([A.HorizontalFlip(p=p_flip)], additional_targets={"bg_fg": "image", "depth": "mask"}, seed=seed)
 
 
@@ -69,9 +91,10 @@ def jitter_batch(bg: torch.Tensor, bg_fg: torch.Tensor, p: float = 0.5, generato
     probability `p`. Runs wherever the tensors are (the GPU path of the loader).
     """
     batch, device = bg.shape[0], bg.device
+    draw_on = generator.device if generator is not None else torch.device("cpu")  # a CUDA generator: no host copy
 
     def draw(limit: float, prob: float) -> torch.Tensor:
-        u = torch.rand(batch, 2, generator=generator, device="cpu")
+        u = torch.rand(batch, 2, generator=generator, device=draw_on)
         value = (u[:, 0] * 2 - 1) * limit * (u[:, 1] < prob)
         return value.to(device).view(batch, 1, 1, 1)
 
@@ -86,3 +109,15 @@ def jitter_batch(bg: torch.Tensor, bg_fg: torch.Tensor, p: float = 0.5, generato
     out = _hsv_to_rgb(torch.cat([h, s, v], 1))
     out = (out * (1 + shifts[4]) + shifts[3]).clamp(0, 1)
     return out[:batch], out[batch:]
+
+
+def flip_batch(images: list[torch.Tensor], p: float = 0.5, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Flip (B, C, H, W) tensors left-right, the same samples in every tensor (one draw per sample, probability `p`).
+
+    The GPU path's HorizontalFlip: bg, bg_fg, mask and depth of a sample stay aligned. Draws on the
+    generator's device (a CUDA generator keeps the draw on the GPU, no host sync).
+    """
+    batch, device = images[0].shape[0], images[0].device
+    draw_on = generator.device if generator is not None else torch.device("cpu")
+    flip = (torch.rand(batch, generator=generator, device=draw_on) < p).to(device).view(batch, 1, 1, 1)  # (B, 1, 1, 1)
+    return [torch.where(flip, x.flip(-1), x) for x in images]

@@ -178,6 +178,7 @@ LOSSES: dict[str, dict[str, float]] = {
     "bce_ssim": {"bce": 1.0, "ssim": 1.0},
     "bce_rmse_ssim": {"bce": 1.0, "rmse": 2.0, "ssim": 1.0},
     "dice_rmse": {"dice": 1.0, "rmse": 2.0},
+    "bce_dice_rmse": {"bce": 1.0, "dice": 1.0, "rmse": 2.0},
     "bce_dice_rmse_ssim": {"bce": 1.0, "dice": 1.0, "rmse": 2.0, "ssim": 1.0},
 }
 

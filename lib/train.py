@@ -5,6 +5,11 @@
     python -m lib.train --out runs/x --resume # continue runs/x/last.pt as if never interrupted
     torchrun --nproc_per_node=2 -m lib.train ...   # DistributedDataParallel, ranks from torchrun's variables
 
+Under torchrun, --batch-size is per process (global batch = batch_size x processes; --lr is not scaled) and
+each epoch's shuffled train split is dealt out across the ranks; the train loss is averaged over every rank's
+samples, and validation is sharded without padding and reduced, giving the numbers one process evaluating the
+saved checkpoint gets. Rank 0 alone writes files and prints. --sync-bn (SyncBatchNorm) needs CUDA.
+
 Every epoch writes RUN/last.pt (and RUN/best.pt when validation loss improves) atomically, plus
 history.json, curves.png and predictions.png.
 """
@@ -80,9 +85,17 @@ class _Signals:
         self.pending: int | None = None
 
     def install(self) -> None:
+        """Route SIGTERM and SIGINT here (main thread only); `restore` puts the previous handlers back."""
+        self._previous = {}
         if threading_is_main():
-            signal.signal(signal.SIGTERM, self._handle)
-            signal.signal(signal.SIGINT, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Put back the handlers `install` replaced."""
+        for sig, handler in getattr(self, "_previous", {}).items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.saving:
@@ -547,6 +560,7 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
                   f"Resume with: python -m lib.train --out {out} --resume", file=sys.stderr, flush=True)
         raise
     finally:
+        SIGNALS.restore()
         if ddp.enabled and dist.is_initialized():
             dist.destroy_process_group()
     return history
@@ -570,9 +584,6 @@ def _summary(record: dict, improved: bool) -> str:
 
 def write_figures(out: Path, history: list[dict], model: nn.Module, val_set: ModestDataset, device, channels_last: bool) -> None:
     """curves.png and predictions.png for a run folder."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     from .plots import plot_curves, plot_predictions, predict_samples
@@ -602,7 +613,7 @@ def resolve_data(data: str, progress: bool = True) -> Path:
         from .download import download_modest
 
         with _one_at_a_time(Path("data")):
-            return download_modest(Path("data") / "modest")
+            return download_modest("data", progress=progress).path
     return Path(data)
 
 
