@@ -1,0 +1,663 @@
+"""Measure the data path and the training step, side by side with the original (2020) pipeline, on one machine.
+
+    python -m lib.bench                          # on this machine's best device; on a CPU, about 2-3 minutes
+    python -m lib.bench --json                   # ... and one JSON object on the last line
+    python -m lib.bench --device cuda --workers 2 --compile   # a Colab-like GPU run (2 loader workers)
+    taskset -c 0,1 python -m lib.bench --device cuda --workers 2   # ... on a big machine: 2 cores, as on Colab
+    python -m lib.bench --zip-index-test         # also: open the index of a 1.2M-member zip (cold, cached, RSS)
+
+Data: the synthetic twin of MODEST at 224 px (20 bg x 20 fg x 10 placements, each also mirrored = 8,000 samples,
+a stored zip written once under data/, ~170 MB), or --data PATH (a MODEST folder or zip). Sections:
+  loader      samples/s of the training loader alone (augmentation on): ours with threads and with worker
+              processes, in CPU mode and (on CUDA) GPU mode, against SEED-STYLE, a copy of the original
+              pipeline: PIL per file from an extracted folder, albumentations per image with independent draws,
+              Normalize + ToTensorV2, a torch DataLoader with the same number of workers.
+  model step  samples/s of one SGD step on random batches: DepthNet and MaskNet, fp32 vs AMP (CUDA), eager vs
+              torch.compile (--compile), channels_last on CUDA.
+  end to end  samples/s of `train_one_epoch` with our loader (the training recipe), the time one epoch of
+              280,000 samples would take; on CUDA also the seed recipe (fp32, seed-style loader).
+  memory      peak host RSS (this process and its largest child) and peak GPU memory.
+Speeds are measurements of this run on this machine (other load on it shows in `load_average`), never targets.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import platform
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import (
+    BG_FG_MEAN,
+    BG_FG_STD,
+    BG_MEAN,
+    BG_STD,
+    ModestDataset,
+    default_device,
+    default_workers,
+    make_loader,
+    simplejpeg,
+)
+from .errors import UserError, run_cli
+
+EPOCH_SAMPLES = 280_000  # one epoch of the original 70/30 split of MODEST's 400,000 samples
+BENCH_DATA = dict(size=224, backgrounds=20, foregrounds=20, placements=10, seed=0)  # 8,000 samples, ~170 MB
+# Published MODEST target statistics, as the original normalised its targets (a defect kept in the baseline).
+MASK_MEAN, MASK_STD = 0.05207, 0.21686
+DEPTH_MEAN, DEPTH_STD = 0.2981, 0.11561
+ZIP_TEST_MEMBERS = 1_200_000
+
+
+# ---------------------------------------------------------------------------------------------- the baseline
+
+
+class SeedStyleDataset(Dataset):
+    """BASELINE ONLY, a copy of the original (2020) data pipeline, kept to measure against; do not train with it.
+
+    Per sample: PIL `Image.open` of four files from an extracted folder (the background too, every time),
+    then one albumentations pipeline per image: HueSaturationValue + RandomBrightnessContrast drawn
+    independently for bg and bg_fg, Normalize with the published statistics (the targets too, as the
+    original did) and ToTensorV2. Returns float CHW tensors.
+    """
+
+    def __init__(self, root: str | os.PathLike, files: list[tuple[str, str, str, str]], image_size: int | None = None):
+        try:
+            import albumentations as A
+            from albumentations.pytorch import ToTensorV2
+        except ImportError:
+            raise UserError("the seed-style baseline needs albumentations (pip install albumentations)") from None
+        self.root, self.files = Path(root), files
+        resize = [A.Resize(image_size, image_size)] if image_size else []
+        color = [A.HueSaturationValue(), A.RandomBrightnessContrast()]
+        self.bg_transform = A.Compose(resize + color + [A.Normalize(BG_MEAN, BG_STD), ToTensorV2()])
+        self.bg_fg_transform = A.Compose(resize + color + [A.Normalize(BG_FG_MEAN, BG_FG_STD), ToTensorV2()])
+        self.mask_transform = A.Compose(resize + [A.Normalize(MASK_MEAN, MASK_STD), ToTensorV2()])
+        self.depth_transform = A.Compose(resize + [A.Normalize(DEPTH_MEAN, DEPTH_STD), ToTensorV2()])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        bg, bg_fg, mask, depth = (np.array(Image.open(self.root / name)) for name in self.files[index])
+        return {
+            "bg": self.bg_transform(image=bg)["image"],
+            "bg_fg": self.bg_fg_transform(image=bg_fg)["image"],
+            "mask": self.mask_transform(image=mask)["image"],
+            "depth": self.depth_transform(image=depth)["image"],
+        }
+
+
+def extract_for_baseline(dataset: ModestDataset, rows: np.ndarray, out: Path) -> tuple[Path, list[tuple[str, str, str, str]]]:
+    """The files of `rows` as the original read them: extracted into `out` (once), listed as (bg, bg_fg, mask, depth)."""
+    source = dataset.source
+    members = np.concatenate([dataset.bg_members[dataset.bg_ids[rows]][:, None], dataset.sample_members[rows]], 1)
+    if not hasattr(source, "index"):  # already a folder
+        return source.root, [tuple(source.names[m].decode() for m in row) for row in members]
+    files = []
+    for row in members:
+        names = []
+        for m in row:
+            name = source.names[m].decode()
+            path = out / name
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_bytes(source.read(int(m)))
+                os.replace(tmp, path)
+            names.append(name)
+        files.append(tuple(names))
+    return out, files
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+@contextlib.contextmanager
+def cuda_flags(fast: bool):
+    """fast: cudnn autotuning and TF32, as `fit` sets them; else PyTorch's defaults (what the original ran with)."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.benchmark = fast
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default too
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_loader(loader, samples: int, device: torch.device) -> dict:
+    """samples/s of iterating `loader` after its first batch (first_batch_s: startup), over about `samples` samples."""
+    start = time.perf_counter()
+    it = iter(loader)
+    count = 0
+    try:
+        first = next(it)
+        _sync(device)
+        first_s = time.perf_counter() - start
+        t0 = time.perf_counter()
+        for batch in it:
+            count += batch["bg"].shape[0]
+            if count >= samples:
+                break
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+        del it
+    if count == 0:  # one batch held everything: time that one instead
+        count, seconds = first["bg"].shape[0], first_s
+    out = {"samples_per_s": round(count / max(seconds, 1e-9), 1), "samples": count, "first_batch_s": round(first_s, 2)}
+    if getattr(loader, "decode_on_device", False):
+        out["device_decode_fallbacks"] = loader.decode_fallbacks
+    return out
+
+
+def _random_batch(batch: int, size: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "bg": torch.randn(batch, 3, size, size, generator=g).to(device),
+        "bg_fg": torch.randn(batch, 3, size, size, generator=g).to(device),
+        "mask": (torch.rand(batch, 1, size, size, generator=g) > 0.9).float().to(device),
+        "depth": torch.rand(batch, 1, size, size, generator=g).to(device),
+    }
+
+
+def _make_step(model, loss_fn, optimizer, device, amp_dtype, channels_last: bool, sync_loss: bool = False) -> Callable[[dict], None]:
+    """One SGD step on a batch of float tensors already on the device (fp16 gets a GradScaler)."""
+    from .models import as_outputs
+    from .train import _autocast
+
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def step(batch: dict) -> None:
+        bg, bg_fg = batch["bg"].contiguous(memory_format=fmt), batch["bg_fg"].contiguous(memory_format=fmt)
+        with _autocast(device, amp_dtype):
+            outputs = as_outputs(model(bg, bg_fg))
+        loss, _ = loss_fn(outputs, batch)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if sync_loss:
+            loss.item()  # the original logged the loss every batch: one host sync per step
+
+    return step
+
+
+def _make_training(model_name: str, device: torch.device, amp: bool, channels_last: bool, compile_model: bool):
+    from .losses import DEFAULT_LOSS, make_loss
+    from .models import make_model
+    from .train import autocast_dtype
+
+    torch.manual_seed(0)
+    model = make_model(model_name).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-8)
+    loss_fn = make_loss(DEFAULT_LOSS[model_name], model_name)
+    amp_dtype = autocast_dtype(device, amp)
+    train_model = torch.compile(model) if compile_model else model
+    return model, train_model, optimizer, loss_fn, amp_dtype
+
+
+def measure_step(model_name: str, size: int, batch: int, device: torch.device, *, amp: bool, compile_model: bool,
+                 channels_last: bool, warmup: int, iters: int) -> dict:
+    """samples/s of training steps on one random batch kept on the device (warmup steps, compile included, not timed)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _, train_model, optimizer, loss_fn, amp_dtype = _make_training(model_name, device, amp, channels_last, compile_model)
+    step = _make_step(train_model, loss_fn, optimizer, device, amp_dtype, channels_last)
+    data = _random_batch(batch, size, device)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step(data)
+    _sync(device)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step(data)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    out = {"model": model_name, "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+           "compiled": compile_model, "channels_last": channels_last, "batch_size": batch,
+           "samples_per_s": round(batch * iters / seconds, 1), "warmup_s": round(warm_s, 1)}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    return out
+
+
+def measure_ours_end_to_end(dataset: ModestDataset, model_name: str, samples: int, batch: int, workers: int,
+                            device: torch.device, compile_model: bool) -> dict:
+    """`train_one_epoch` over `samples` training samples with the default loader and the training recipe."""
+    from .train import EpochSampler, train_one_epoch
+
+    channels_last = device.type == "cuda"
+    model, train_model, optimizer, loss_fn, amp_dtype = _make_training(model_name, device, True, channels_last, compile_model)
+    train_set = dataset.subset("train", augment=True)
+
+    def run(limit: int) -> dict:
+        sampler = EpochSampler(len(train_set), 1, limit)
+        loader = make_loader(train_set, batch_size=batch, shuffle=False, sampler=sampler, num_workers=workers,
+                             device=device, drop_last=True)
+        result = train_one_epoch(train_model, loader, loss_fn, optimizer, device, amp_dtype=amp_dtype,
+                                 channels_last=channels_last, log_every=50)
+        result["loader"] = type(loader.loader).__name__
+        result["data_mode"] = loader.data_mode
+        result["decode_on_device"] = loader.decode_on_device
+        return result
+
+    t0 = time.perf_counter()
+    run(min(len(train_set), 2 * batch))  # warm up: cudnn autotuning, compilation, first decodes
+    warm_s = time.perf_counter() - t0
+    result = run(min(len(train_set), max(samples, batch)))
+    rate = result["samples"] / result["seconds"]
+    return {"model": model_name, "recipe": "ours", "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+            "compiled": compile_model, "channels_last": channels_last, "loader": result["loader"],
+            "data_mode": result["data_mode"], "decode_on_device": result["decode_on_device"], "workers": workers,
+            "batch_size": batch, "samples": result["samples"], "samples_per_s": round(rate, 1),
+            "epoch_280k_min": round(EPOCH_SAMPLES / rate / 60, 1), "warmup_s": round(warm_s, 1)}
+
+
+def measure_seed_end_to_end(root: Path, files: list, size: int | None, model_name: str, samples: int, batch: int,
+                            workers: int, device: torch.device) -> dict:
+    """The original recipe end to end: seed-style loader, fp32, no channels_last, the loss read back every step."""
+    _, train_model, optimizer, loss_fn, amp_dtype = _make_training(model_name, device, False, False, False)
+    step = _make_step(train_model, loss_fn, optimizer, device, None, False, sync_loss=True)
+    loader = DataLoader(SeedStyleDataset(root, files, size), batch_size=batch, shuffle=True, num_workers=workers,
+                        pin_memory=device.type == "cuda", drop_last=True)
+    count, t0, start = 0, None, time.perf_counter()
+    for i, cpu_batch in enumerate(loader):
+        step({k: v.to(device) for k, v in cpu_batch.items()})
+        if i == 1:  # two warm-up steps (worker startup, cudnn), then time
+            _sync(device)
+            t0 = time.perf_counter()
+        elif i > 1:
+            count += batch
+            if count >= samples:
+                break
+    _sync(device)
+    if t0 is None or count == 0:
+        raise UserError("too few samples for the seed-style end-to-end run (needs at least 3 batches)")
+    rate = count / (time.perf_counter() - t0)
+    return {"model": model_name, "recipe": "seed", "precision": "fp32", "compiled": False, "channels_last": False,
+            "loader": "seed-style DataLoader", "workers": workers, "batch_size": batch, "samples": count,
+            "samples_per_s": round(rate, 1), "epoch_280k_min": round(EPOCH_SAMPLES / rate / 60, 1),
+            "warmup_s": round(t0 - start, 1)}
+
+
+# ---------------------------------------------------------------------------------------------- zip index
+
+
+def write_many_member_zip(path: Path, members: int = ZIP_TEST_MEMBERS) -> Path:
+    """A stored ZIP64 zip of `members` one-byte files named like MODEST's (bg_fg/, bg_fg_mask/, bg_fg_depth_map/)."""
+    data, crc = b"x", zlib.crc32(b"x")
+    tmp = path.with_name(path.name + ".partial")
+    central, offset = [], 0
+    kinds = (("bg_fg/", ""), ("bg_fg_mask/", "_mask"), ("bg_fg_depth_map/", "_depth_map"))
+    with open(tmp, "wb") as f:
+        for i in range(members):
+            folder, suffix = kinds[i % 3]
+            n = i // 3
+            name = f"modest/{folder}bg{n // 4000 + 1:03d}_fg{n // 40 % 100 + 1:03d}_{n % 40 + 1:02d}{suffix}.jpeg".encode()
+            f.write(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0, 33, crc, 1, 1, len(name), 0) + name + data)
+            central.append(struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 0, 0, 33, crc, 1, 1, len(name),
+                                       0, 0, 0, 0, 0o644 << 16, offset) + name)
+            offset += 30 + len(name) + 1
+        cd = b"".join(central)
+        f.write(cd)
+        end = offset + len(cd)
+        f.write(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, members, members, len(cd), offset))
+        f.write(struct.pack("<4sIQI", b"PK\x06\x07", 0, end, 1))
+        f.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+    os.replace(tmp, path)
+    return path
+
+
+_OPEN_INDEX = """
+import json, os, resource, sys, time
+def rss():
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) // 1024 for k, v in (l.split(":", 1) for l in f) if k in ("VmRSS", "VmHWM")}
+from lib.zipindex import ZipIndex
+before = rss()
+t = time.perf_counter()
+index = ZipIndex(sys.argv[1], cache=sys.argv[2] == "1")
+seconds = time.perf_counter() - t
+after = rss()
+print(json.dumps({"seconds": seconds, "members": len(index), "rss_mb": after["VmRSS"], "peak_rss_mb": after["VmHWM"],
+                  "index_rss_mb": after["VmRSS"] - before["VmRSS"], "baseline_rss_mb": before["VmRSS"]}))
+"""
+
+
+def zip_index_test(folder: Path, members: int = ZIP_TEST_MEMBERS) -> dict:
+    """Open the index of a `members`-member zip in fresh processes: parsed cold (no cache), first open (writes the
+    cache), cached; seconds and resident memory of each."""
+    from .zipindex import _cache_paths
+
+    path = folder / f"bench-{members}-members.zip"
+    built_s = None
+    if not path.exists():
+        t = time.perf_counter()
+        write_many_member_zip(path, members)
+        built_s = round(time.perf_counter() - t, 1)
+    for cache in _cache_paths(path):
+        cache.unlink(missing_ok=True)
+    root = Path(__file__).resolve().parents[1]
+
+    def open_once(use_cache: bool) -> dict:
+        out = subprocess.run([sys.executable, "-c", _OPEN_INDEX, str(path), "1" if use_cache else "0"], cwd=root,
+                             capture_output=True, text=True, check=True)
+        record = json.loads(out.stdout.strip().splitlines()[-1])
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in record.items()}
+
+    result = {"members": members, "zip_mb": round(path.stat().st_size / 2**20), "built_s": built_s,
+              "cold_no_cache": open_once(False), "first_open_writes_cache": open_once(True), "cached": open_once(True)}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def machine_info(device: torch.device) -> dict:
+    """What this ran on: date, OS, CPU, cores, GPU, library versions, decoders present, load average."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": default_cores(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "simplejpeg": getattr(simplejpeg, "__version__", None) if simplejpeg is not None else None,
+        "albumentations": _version("albumentations"),
+        "opencv": _version("cv2"),
+        "pillow": _version("PIL"),
+        "device": str(device),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_capability=list(torch.cuda.get_device_capability(device)),
+                    gpu_memory_gb=round(props.total_memory / 2**30, 1))
+    return info
+
+
+def default_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return None
+    return getattr(mod, "__version__", "present")
+
+
+def peak_rss_mb() -> dict:
+    """Peak resident memory of this process and of its largest child (loader workers), MB."""
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit / 2**20
+    return {"self_mb": round(own), "largest_child_mb": round(kids)}
+
+
+def bench_data(data: str | None, progress: bool) -> Path:
+    """--data, or the synthetic bench set (generated once under data/)."""
+    if data:
+        return Path(data)
+    try:
+        from .synthetic import make_synthetic_dataset
+    except ImportError as exc:
+        raise UserError(f"writing the synthetic bench set needs {exc.name} (pip install -r requirements.txt), "
+                        "or pass --data PATH") from None
+
+    d = BENCH_DATA
+    path = Path("data") / f"bench-synthetic-{d['size']}px-{d['backgrounds']}x{d['foregrounds']}x{2 * d['placements']}-seed{d['seed']}.zip"
+    return make_synthetic_dataset(path, as_zip=True, progress=progress, **d)
+
+
+def _try(results: dict | list, key: str | None, fn: Callable[[], dict], label: str) -> dict | None:
+    """Run one measurement; a failure is recorded (and the bench goes on)."""
+    try:
+        value = fn()
+    except Exception as exc:  # a missing package, an unsupported mode: report it, measure the rest
+        value = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+    if isinstance(results, dict):
+        results[key] = value
+    else:
+        results.append({"name": label, **value})
+    return value
+
+
+def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
+    """All sections; returns the report dict."""
+    device = torch.device(args.device) if args.device != "auto" else default_device()
+    if device.type == "mps":
+        device = torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here")
+    cuda = device.type == "cuda"
+    workers = args.workers if args.workers is not None else default_workers()
+    size = args.size
+    batch = args.batch_size or (64 if cuda else 32)
+    loader_samples = args.samples or (4096 if cuda else 768)
+    e2e_samples = args.samples or (4096 if cuda else 32)
+    e2e_batch = min(batch, e2e_samples) if cuda else min(8, batch, e2e_samples)
+    step_batch = min(batch, 64) if cuda else min(4, batch)
+    warmup, iters = (5, 20) if cuda else (1, 2)
+    report: dict = {"machine": machine_info(device)}
+    m = report["machine"]
+    log(f"lib.bench  {m['date']}  {m['platform']}")
+    log(f"  cpu: {m['cpu']} ({m['cores']} cores)  torch {m['torch']}  torchvision {m['torchvision']}")
+    log(f"  device: {device}" + (f" = {m['gpu']} (capability {m['gpu_capability']}, {m['gpu_memory_gb']} GB)" if cuda else ""))
+    log(f"  decoders: simplejpeg {m['simplejpeg']}, opencv {m['opencv']}, pillow {m['pillow']}; albumentations {m['albumentations']}"
+        f"; load average {m['load_average']}")
+
+    root = bench_data(args.data, progress=not args.json)
+    dataset = ModestDataset(root, "all", size)
+    native = dataset.load(0)["bg"].shape[-1] if size is None else size
+    report["settings"] = {"data": str(root), "samples_in_data": len(dataset), "image_size": size or native,
+                          "workers": workers, "batch_size": batch, "loader_samples": loader_samples,
+                          "step_batch_size": step_batch, "e2e_batch_size": e2e_batch, "e2e_samples": e2e_samples,
+                          "compile": args.compile}
+    log(f"  data: {root} ({len(dataset):,} samples at {size or native} px); {workers} loader workers, batch {batch}")
+
+    # ---- loader
+    train_set = dataset.subset("train", augment=True)
+    loaders: dict = {}
+    configs = [("ours threads, cpu mode", "threads", "cpu", "cpu"), ("ours processes, cpu mode", "processes", "cpu", "cpu")]
+    if cuda:
+        configs += [("ours threads, gpu mode, cpu decode", "threads", "gpu", "cpu"),
+                    ("ours threads, gpu mode, gpu decode", "threads", "gpu", "device"),
+                    ("ours processes, gpu mode, cpu decode", "processes", "gpu", "cpu")]
+    for name, kind, mode, decode in configs:
+        _try(loaders, name, lambda: measure_loader(
+            make_loader(train_set, batch_size=batch, shuffle=True, num_workers=workers, device=device, loader=kind,
+                        data_mode=mode, decode=decode), loader_samples, device), name)
+    default = make_loader(train_set, batch_size=batch, shuffle=True, num_workers=workers, device=device)
+    default_name = (f"ours {type(default.loader).__name__.replace('ThreadLoader', 'threads').replace('DataLoader', 'processes')}, "
+                    f"{default.data_mode} mode" + (f", {'gpu' if default.decode_on_device else 'cpu'} decode" if default.data_mode == "gpu" else ""))
+    del default
+    rng = np.random.default_rng(0)
+    n_seed = min(len(dataset), max(loader_samples, e2e_samples) + 4 * batch)
+    rows = np.sort(rng.choice(len(dataset), n_seed, replace=False))
+    extracted: dict = {}
+
+    def seed_loader() -> dict:
+        folder = Path("data") / "bench-extracted" / hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
+        extracted["root"], extracted["files"] = extract_for_baseline(dataset, rows, folder)
+        seed = DataLoader(SeedStyleDataset(extracted["root"], extracted["files"], size), batch_size=batch, shuffle=True,
+                          num_workers=workers, pin_memory=cuda)
+        return measure_loader(seed, loader_samples, torch.device("cpu"))
+
+    _try(loaders, "seed-style (PIL + per-image albumentations, DataLoader)", seed_loader, "seed")
+    report["loader"] = loaders
+    report["default_loader"] = default_name
+    seed_rate = loaders["seed-style (PIL + per-image albumentations, DataLoader)"].get("samples_per_s")
+    log("")
+    log(f"loader only, augmentation on, {workers} workers, batch {batch}, {loader_samples} samples (samples/s, x seed-style)")
+    for name, r in loaders.items():
+        mark = "  <- default" if name == default_name else ""
+        if "error" in r:
+            log(f"  {name:<44} n/a ({r['error']})")
+        else:
+            speedup = f"{r['samples_per_s'] / seed_rate:6.1f}x" if seed_rate else "     -"
+            log(f"  {name:<44} {r['samples_per_s']:>9.1f} {speedup}   first batch {r['first_batch_s']:.1f} s{mark}")
+    if seed_rate and "samples_per_s" in loaders.get(default_name, {}):
+        report["loader_speedup_vs_seed"] = round(loaders[default_name]["samples_per_s"] / seed_rate, 1)
+
+    # ---- model step
+    steps: list = []
+    precisions = [False, True] if cuda else [False]
+    compiles = [False, True] if args.compile else [False]
+    for model_name in args.models:
+        for amp in precisions:
+            for compile_model in compiles:
+                label = f"{model_name} {'amp' if amp else 'fp32'} {'compiled' if compile_model else 'eager'}"
+                with cuda_flags(True):
+                    _try(steps, None, lambda: measure_step(model_name, size or native, step_batch, device, amp=amp,
+                                                           compile_model=compile_model, channels_last=cuda,
+                                                           warmup=warmup, iters=iters), label)
+    report["model_step"] = steps
+    log("")
+    log(f"model step (forward + backward + SGD) on {device}, batch {step_batch}, {size or native} px"
+        + ("" if cuda else "; AMP n/a on CPU"))
+    for r in steps:
+        if "error" in r:
+            log(f"  {r['name']:<34} n/a ({r['error']})")
+        else:
+            mem = f"   peak GPU {r['peak_gpu_mb']} MB" if "peak_gpu_mb" in r else ""
+            log(f"  {r['name']:<34} {r['samples_per_s']:>9.1f} samples/s  ({r['precision']}, warm-up {r['warmup_s']} s){mem}")
+
+    # ---- end to end
+    e2e: dict = {}
+    with cuda_flags(True):
+        _try(e2e, "ours", lambda: measure_ours_end_to_end(dataset, args.models[0], e2e_samples, e2e_batch, workers,
+                                                          device, args.compile), "ours")
+    if cuda or args.seed_end_to_end:
+        def seed_e2e() -> dict:
+            if "root" not in extracted:
+                raise UserError("the seed-style loader did not run")
+            return measure_seed_end_to_end(extracted["root"], extracted["files"], size, args.models[0], e2e_samples,
+                                           e2e_batch, workers, device)
+
+        with cuda_flags(False):
+            _try(e2e, "seed", seed_e2e, "seed")
+    report["end_to_end"] = e2e
+    log("")
+    log(f"end to end ({args.models[0]}, train_one_epoch, batch {e2e_batch}, {e2e_samples} samples)")
+    for name, r in e2e.items():
+        if "error" in r:
+            log(f"  {name:<6} n/a ({r['error']})")
+        else:
+            how = f"{r['precision']}, {r['loader']}" + (f", {r['data_mode']} mode" if "data_mode" in r else "")
+            log(f"  {name:<6} {r['samples_per_s']:>9.1f} samples/s -> one epoch of {EPOCH_SAMPLES:,} samples: "
+                f"{r['epoch_280k_min']:.1f} min  ({how})")
+    if "samples_per_s" in e2e.get("seed", {}) and "samples_per_s" in e2e.get("ours", {}):
+        report["end_to_end_speedup_vs_seed"] = round(e2e["ours"]["samples_per_s"] / e2e["seed"]["samples_per_s"], 1)
+        log(f"  ours / seed: {report['end_to_end_speedup_vs_seed']}x")
+
+    # ---- memory
+    memory = {"peak_rss": peak_rss_mb()}
+    if cuda:
+        memory["peak_gpu_mb"] = round(max([r.get("peak_gpu_mb", 0) for r in steps] + [torch.cuda.max_memory_allocated(device) / 2**20]))
+    report["memory"] = memory
+    log("")
+    log(f"memory: peak RSS {memory['peak_rss']['self_mb']} MB (this process), {memory['peak_rss']['largest_child_mb']} MB "
+        f"(largest child)" + (f"; peak GPU {memory['peak_gpu_mb']} MB" if cuda else ""))
+
+    if args.zip_index_test:
+        folder = Path(tempfile.gettempdir())
+        _try(report, "zip_index", lambda: zip_index_test(folder), "zip_index")
+        z = report["zip_index"]
+        log("")
+        if "error" in z:
+            log(f"zip index: n/a ({z['error']})")
+        else:
+            log(f"zip index of {z['members']:,} members ({z['zip_mb']} MB zip"
+                + (f", written in {z['built_s']} s" if z["built_s"] else "") + ")")
+            for key in ("cold_no_cache", "first_open_writes_cache", "cached"):
+                r = z[key]
+                log(f"  {key:<24} {r['seconds']:>6.2f} s   +{r['index_rss_mb']} MB RSS (process {r['rss_mb']} MB)")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's arguments."""
+    p = argparse.ArgumentParser(prog="python -m lib.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.add_argument("--size", type=int, default=224, help="image side, a multiple of 32 (default 224; 0: the data's own size)")
+    p.add_argument("--samples", type=int, default=None, help="samples per loader and end-to-end measurement "
+                   "(default 768 loader / 32 end to end on CPU, 4096 on CUDA)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: CUDA if present")
+    p.add_argument("--data", default=None, help="a MODEST folder or zip (default: the synthetic bench set under data/)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: one per core, at most 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 32 on CPU")
+    p.add_argument("--models", default="depthnet,masknet", help="comma-separated; the first one runs end to end")
+    p.add_argument("--compile", action="store_true", help="also torch.compile (minutes on CPU)")
+    p.add_argument("--seed-end-to-end", action="store_true", help="also the seed recipe end to end on CPU")
+    p.add_argument("--zip-index-test", action="store_true", help="also open the index of a 1.2M-member zip in /tmp")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m lib.bench`."""
+    args = build_parser().parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not args.models or any(m not in ("depthnet", "masknet") for m in args.models):
+        raise UserError(f"--models must list depthnet and/or masknet, not {','.join(args.models)!r}")
+    if args.size == 0:
+        args.size = None
+    elif args.size < 32 or args.size % 32:
+        raise UserError(f"--size must be a multiple of 32 (DepthNet's inputs), not {args.size}")
+    if args.samples is not None and args.samples < 1:
+        raise UserError(f"--samples must be at least 1, not {args.samples}")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, not {args.workers}")
+    report = run_bench(args, log=lambda line: print(line, flush=True))
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
