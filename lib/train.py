@@ -69,6 +69,8 @@ class Config:
     compile: bool = False
     sync_bn: bool = False
     skip_bad_samples: bool = False
+    loader: str = "auto"  # threads (default) | processes: who fills batches
+    data_mode: str = "auto"  # cpu | gpu (auto: gpu on CUDA): where decoding and augmentation run
     max_train_samples: int | None = None  # per epoch; None = the whole train split
     log_every: int = 20
     out: str = "runs/demo"
@@ -464,7 +466,8 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
         raise UserError(f"{root}: too few samples to split into train and val ({len(dataset)})")
     train_sampler = EpochSampler(len(train_set), cfg.seed, cfg.max_train_samples, ddp.rank, ddp.world_size)
     val_sampler = ShardSampler(len(val_set), ddp.rank, ddp.world_size) if ddp.enabled else None
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, device=device, skip_bad_samples=cfg.skip_bad_samples)
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, device=device, skip_bad_samples=cfg.skip_bad_samples,
+                  loader=cfg.loader, data_mode=cfg.data_mode)
     train_loader = make_loader(train_set, shuffle=False, sampler=train_sampler, drop_last=len(train_sampler) > cfg.batch_size, **common)
     val_loader = make_loader(val_set, shuffle=False, sampler=val_sampler, **common)
 
@@ -507,7 +510,7 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             train_sampler.set_epoch(epoch)
-            if train_set.augment is not None:  # in-process loading; worker processes reseed from the torch RNG
+            if train_set.augment is not None:  # in-process loading; worker processes and the thread loader reseed from the torch RNG
                 train_set.augment.set_random_seed(cfg.seed * 100_003 + epoch + 7919 * ddp.rank)
             bar = tqdm(total=len(train_loader) + len(val_loader), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                        disable=not (progress and ddp.is_main), dynamic_ncols=True)
@@ -661,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
     p.add_argument("--skip-bad-samples", action="store_true", help="leave out unreadable samples and list them")
+    p.add_argument("--loader", default="auto", help="threads (the default) or processes")
+    p.add_argument("--data-mode", default="auto", help="cpu or gpu: where decoding and augmentation run (auto: gpu on CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -680,7 +685,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         base["weight_decay"] = Config.weight_decay
     return Config(model=model, data=args.data, workers=args.workers, split_by=args.split_by,
                   seed=args.seed, amp=not args.no_amp, augment=not args.no_augment, compile=args.compile,
-                  sync_bn=args.sync_bn, skip_bad_samples=args.skip_bad_samples,
+                  sync_bn=args.sync_bn, skip_bad_samples=args.skip_bad_samples, loader=args.loader, data_mode=args.data_mode,
                   max_train_samples=args.max_train_samples, out=args.out, **base)
 
 
