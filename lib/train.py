@@ -41,7 +41,7 @@ from .metrics import Metrics
 from .models import MODEL_SIZE_MULTIPLE, MODELS, as_outputs, count_parameters, make_model
 
 CHECKPOINT_FORMAT = "bgfg-mask-depth/1"
-DEMO_DATA = dict(size=64, backgrounds=100, foregrounds=15, placements=1, seed=0)  # 3,000 samples, 100 rooms
+DEMO_DATA = dict(size=64, backgrounds=100, foregrounds=12, placements=1, seed=0)  # 2,400 samples, 100 rooms
 
 
 @dataclasses.dataclass
