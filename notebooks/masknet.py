@@ -19,8 +19,8 @@
 #
 # - **What:** trains MaskNet (76k parameters) to predict, from a museum room `bg` and the same room with a person
 #   pasted in `bg_fg`, the person's `mask`; then shows curves, predictions and a browser.
-# - **How long:** about 2 hours for 12 epochs on MODEST at 224 px on a Colab T4 GPU, plus ~5 minutes to download
-#   (an estimate, not yet measured).
+# - **How long:** on MODEST at 224 px, about 10 minutes per epoch on a Colab T4 (2 hours for 12; an estimate from
+#   its training step measured on an H200 at twice DepthNet's speed), plus ~5 minutes to download.
 # - **Quick run:** set `DATA = "synthetic"`, `IMAGE_SIZE = 64`, `EPOCHS = 2`, `OPTIMIZER = "adamw"`, `LR = 2e-3` below
 #   (under 10 minutes even on a 2-core CPU), or keep MODEST and set `MAX_TRAIN_SAMPLES = 20_000`.
 
