@@ -152,6 +152,25 @@ browser = make_browser(model, val_set, device)
 browser
 
 # %% [markdown]
+# ## Your own photos
+#
+# On Colab, upload a photo of an empty scene and then the same scene with a person in it; elsewhere (and when no
+# file is chosen) a validation pair stands in. `python -m lib.predict` does the same from the command line.
+
+# %%
+from lib.predict import plot_prediction, predict_pair, read_rgb
+
+bg_rgb, bg_fg_rgb = (val_set[0][key].permute(1, 2, 0).numpy() for key in ("bg", "bg_fg"))  # (H, W, 3) uint8
+if "google.colab" in sys.modules:
+    from google.colab import files
+
+    chosen = [list(files.upload().keys()) for _ in ("bg", "bg_fg")]  # the empty scene, then the scene with a person
+    if all(chosen):
+        bg_rgb, bg_fg_rgb = read_rgb(chosen[0][0]), read_rgb(chosen[1][0])
+mask_prob, depth_map = predict_pair(model, bg_rgb, bg_fg_rgb, checkpoint["config"]["image_size"], device)
+show_figure(plot_prediction(bg_rgb, bg_fg_rgb, mask_prob, depth_map))
+
+# %% [markdown]
 # ## Metrics
 #
 # The best epoch (lowest validation loss, the one in `best.pt`) next to the last.
