@@ -188,25 +188,13 @@ def _random_batch(batch: int, size: int, device: torch.device) -> dict:
 
 def _make_step(model, loss_fn, optimizer, device, amp_dtype, channels_last: bool, sync_loss: bool = False) -> Callable[[dict], None]:
     """One SGD step on a batch of float tensors already on the device (fp16 gets a GradScaler)."""
-    from .models import as_outputs
-    from .train import _autocast
+    from .train import train_step
 
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def step(batch: dict) -> None:
-        bg, bg_fg = batch["bg"].contiguous(memory_format=fmt), batch["bg_fg"].contiguous(memory_format=fmt)
-        with _autocast(device, amp_dtype):
-            outputs = as_outputs(model(bg, bg_fg))
-        loss, _ = loss_fn(outputs, batch)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss, _ = train_step(model, batch, loss_fn, optimizer, device, scaler=scaler, amp_dtype=amp_dtype,
+                             channels_last=channels_last)
         if sync_loss:
             loss.item()  # the original logged the loss every batch: one host sync per step
 

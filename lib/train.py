@@ -214,6 +214,33 @@ def _inputs(batch: dict, channels_last: bool) -> tuple[torch.Tensor, torch.Tenso
     return batch["bg"].contiguous(memory_format=fmt), batch["bg_fg"].contiguous(memory_format=fmt)
 
 
+def train_step(
+    model: nn.Module,
+    batch: dict,
+    loss_fn: Callable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, dict]:
+    """One optimisation step on a device batch; returns (loss, outputs) without reading them on the host."""
+    bg, bg_fg = _inputs(batch, channels_last)
+    with _autocast(device, amp_dtype):
+        outputs = as_outputs(model(bg, bg_fg))
+    loss, _ = loss_fn(outputs, batch)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss, outputs
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -234,18 +261,8 @@ def train_one_epoch(
     iou_metrics = Metrics(device, with_depth=False)
     samples, start = 0, time.perf_counter()
     for step, batch in enumerate(loader, 1):
-        bg, bg_fg = _inputs(batch, channels_last)
-        with _autocast(device, amp_dtype):
-            outputs = as_outputs(model(bg, bg_fg))
-        loss, _ = loss_fn(outputs, batch)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss, outputs = train_step(model, batch, loss_fn, optimizer, device, scaler=scaler, amp_dtype=amp_dtype,
+                                   channels_last=channels_last)
         if scheduler is not None and getattr(scheduler, "per_step", False):
             scheduler.step()
         n = batch["bg"].shape[0]
