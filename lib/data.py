@@ -34,6 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from .augment import apply_augment, flip_batch, jitter_batch, make_train_augment
 from .errors import DataError, UserError
+from .modest import FILE_MAP, parse_file_map
 from .zipindex import ZipIndex, find_sorted
 
 try:  # libjpeg-turbo with the GIL released: the fastest JPEG decoder on CPU
@@ -60,7 +61,6 @@ BG_MEAN, BG_STD = (0.40086, 0.46599, 0.53281), (0.25451, 0.24249, 0.23615)
 BG_FG_MEAN, BG_FG_STD = (0.41221, 0.47368, 0.53431), (0.25699, 0.24577, 0.24217)
 FOLDERS = {"bg": "bg/", "bg_fg": "bg_fg/", "mask": "bg_fg_mask/", "depth": "bg_fg_depth_map/"}
 EXTENSIONS = (".jpeg", ".jpg", ".png")
-FILE_MAP = "file_map.txt"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,24 +260,7 @@ class ModestDataset(Dataset):
     def _read_file_map(self) -> tuple[np.ndarray, np.ndarray]:
         """(N, 4) bytes names and their 1-based line numbers; DataError naming the line when malformed."""
         i = self.source.find(np.array([(self.prefix + FILE_MAP).encode()]))[0]
-        where = self.source.where(i)
-        try:
-            text = self.source.read(i).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{where}: not a text file ({exc.reason})") from None
-        rows, lines = [], []
-        for number, line in enumerate(text.splitlines(), 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4:
-                raise DataError(f"{where} line {number}: expected 4 names (bg, bg_fg, mask, depth), found {len(fields)}")
-            rows.append(fields)
-            lines.append(number)
-        if not rows:
-            raise DataError(f"{where}: no samples listed")
-        width = max(len(f) for row in rows for f in row)
-        return np.array(rows, dtype=f"S{width}"), np.array(lines, dtype=np.int64)
+        return parse_file_map(self.source.read(i), self.source.where(i))
 
     def _resolve(self, kind: str, names: np.ndarray, lines: np.ndarray) -> np.ndarray:
         """Member indices of `names` in FOLDERS[kind] with any image extension; DataError on the first missing."""

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import DataError, UserError
+from .modest import FILE_MAP, parse_file_map
 from .zipindex import ZipIndex, find_sorted
 
 # The one place that says where MODEST lives. `size`/`sha256` describe the exact zip on Drive; they are
@@ -59,7 +60,6 @@ URL_ENV = "MODEST_URL"  # overrides where the MODEST bytes come from (a mirror, 
 
 FOLDERS = {"bg": "bg/", "bg_fg": "bg_fg/", "mask": "bg_fg_mask/", "depth": "bg_fg_depth_map/"}  # as lib/data.py
 EXTENSIONS = (".jpeg", ".jpg", ".png")
-FILE_MAP = "file_map.txt"
 QUICK_SAMPLE = 1000
 STAMP_VERSION = 1
 _COPY_CHUNK = 8 << 20
@@ -438,7 +438,7 @@ def verify_zip(
     checks["central directory"] = f"{len(index):,} members"
     prefix = _find_prefix(index.names, path)
     where = f"{path}:{prefix}{FILE_MAP}"
-    names, lines = _parse_file_map(index.read(int(index.find(np.array([(prefix + FILE_MAP).encode()]))[0])), where)
+    names, lines = parse_file_map(index.read(int(index.find(np.array([(prefix + FILE_MAP).encode()]))[0])), where)
     for col, kind in enumerate(FOLDERS):
         _resolve(kind, names[:, col], lines, prefix, index.names, where)
     checks["file_map"] = f"{len(names):,} samples, every listed file present"
@@ -467,7 +467,7 @@ def verify_folder(path: str | os.PathLike, *, quick: bool = False, sample: int =
         text = (root / FILE_MAP).read_bytes()
     except OSError as exc:
         raise DataError(f"{root / FILE_MAP}: cannot read ({exc.strerror})") from None
-    names, lines = _parse_file_map(text, str(root / FILE_MAP))
+    names, lines = parse_file_map(text, str(root / FILE_MAP))
     listing = []
     for folder in FOLDERS.values():
         try:
@@ -496,10 +496,10 @@ def count_samples(path: str | os.PathLike) -> int:
     path = Path(path)
     if path.is_dir():
         file_map = path / _find_prefix(None, path) / FILE_MAP
-        return len(_parse_file_map(file_map.read_bytes(), str(file_map))[0])
+        return len(parse_file_map(file_map.read_bytes(), str(file_map))[0])
     index = ZipIndex(path)
     member = _find_prefix(index.names, path) + FILE_MAP
-    return len(_parse_file_map(index.read(int(index.find(np.array([member.encode()]))[0])), f"{path}:{member}")[0])
+    return len(parse_file_map(index.read(int(index.find(np.array([member.encode()]))[0])), f"{path}:{member}")[0])
 
 
 def hash_file(path: Path, *, progress: bool = True) -> str:
@@ -531,27 +531,6 @@ def _find_prefix(names: np.ndarray | None, where: Path) -> str:
                 return top.decode("utf-8", "replace") + "/"
             i = max(i + 1, int(np.searchsorted(names, top + b"0")))  # b"0" sorts right after b"/"
     raise DataError(f"{where}: no {FILE_MAP} at the root or under a top folder (not a MODEST-format dataset)")
-
-
-def _parse_file_map(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 4) bytes names and their 1-based line numbers; DataError naming the line when malformed."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{where}: not a text file ({exc.reason})") from None
-    rows, lines = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 4:
-            raise DataError(f"{where} line {number}: expected 4 names (bg, bg_fg, mask, depth), found {len(fields)}")
-        rows.append(fields)
-        lines.append(number)
-    if not rows:
-        raise DataError(f"{where}: no samples listed")
-    width = max(len(f.encode()) for row in rows for f in row)
-    return np.array([[f.encode() for f in row] for row in rows], dtype=f"S{width}"), np.array(lines, dtype=np.int64)
 
 
 def _resolve(kind: str, names: np.ndarray, lines: np.ndarray, prefix: str, present: np.ndarray, where: str) -> np.ndarray:
