@@ -83,7 +83,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(run_cli(main))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(run_cli(main))  # run_cli also turns Ctrl-C into exit code 130

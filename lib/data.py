@@ -59,6 +59,19 @@ DEFAULT_LOADER = "threads"
 # Published MODEST statistics (RGB, on [0,1] images); used for every dataset so checkpoints travel.
 BG_MEAN, BG_STD = (0.40086, 0.46599, 0.53281), (0.25451, 0.24249, 0.23615)
 BG_FG_MEAN, BG_FG_STD = (0.41221, 0.47368, 0.53431), (0.25699, 0.24577, 0.24217)
+STATS = {"bg": (BG_MEAN, BG_STD), "bg_fg": (BG_FG_MEAN, BG_FG_STD)}
+
+
+def normalize(x: torch.Tensor, key: str) -> torch.Tensor:
+    """uint8 (B,3,H,W) 0..255 -> float32 normalised with `key`'s statistics ("bg" or "bg_fg"), on x's device."""
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in STATS[key])
+    return (x.float() / 255.0 - mean) / std
+
+
+def denormalize(x: torch.Tensor, key: str) -> torch.Tensor:
+    """The inverse of `normalize`, to float [0, 1] images (B,3,H,W)."""
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in STATS[key])
+    return x * std + mean
 FOLDERS = {"bg": "bg/", "bg_fg": "bg_fg/", "mask": "bg_fg_mask/", "depth": "bg_fg_depth_map/"}
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 
@@ -605,10 +618,8 @@ class DeviceLoader:
         self.decode_fallbacks = 0  # batches the device decoder rejected (decoded on the CPU instead)
         self._decode_stream = None
         self.generator: torch.Generator | None = None
-        self._mean = {
-            key: torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255 for key, mean in (("bg", BG_MEAN), ("bg_fg", BG_FG_MEAN))
-        }
-        self._std = {key: torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255 for key, std in (("bg", BG_STD), ("bg_fg", BG_FG_STD))}
+        self._mean = {key: torch.tensor(m, device=self.device).view(1, 3, 1, 1) * 255 for key, (m, _) in STATS.items()}
+        self._std = {key: torch.tensor(sd, device=self.device).view(1, 3, 1, 1) * 255 for key, (_, sd) in STATS.items()}
         self._luts = None
         if self.device.type == "cpu" and cv2 is not None:  # uint8 -> float as one table look-up per pixel (same numbers)
             levels = torch.arange(256, dtype=torch.float32).view(1, 1, 256, 1)  # (1, 1, 256, 1)

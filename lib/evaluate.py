@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .data import BG_FG_MEAN, BG_FG_STD, BG_MEAN, BG_STD, ModestDataset, default_device, make_loader
+from .data import ModestDataset, default_device, denormalize, make_loader
 from .errors import UserError, run_cli
 from .metrics import classical_mask_baseline, iou_from_counts
 from .models import MODEL_SIZE_MULTIPLE
@@ -29,10 +29,7 @@ def evaluate_baseline(loader, thresholds: Sequence[float] = BASELINE_THRESHOLDS)
     sums = None
     count = 0
     for batch in loader:
-        device = batch["bg"].device
-        mean = lambda m: torch.tensor(m, device=device).view(1, 3, 1, 1)  # noqa: E731
-        bg = batch["bg"] * mean(BG_STD) + mean(BG_MEAN)  # (B, 3, H, W) back to [0, 1]
-        bg_fg = batch["bg_fg"] * mean(BG_FG_STD) + mean(BG_FG_MEAN)
+        bg, bg_fg = denormalize(batch["bg"], "bg"), denormalize(batch["bg_fg"], "bg_fg")  # (B, 3, H, W) in [0, 1]
         target = batch["mask"] > 0.5
         per_threshold = []
         for t in thresholds:

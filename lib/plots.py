@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .data import BG_FG_MEAN, BG_FG_STD, BG_MEAN, BG_STD
+from .data import normalize
 
 DEPTH_CMAP = "magma"  # brighter = farther, as in MODEST
 
@@ -49,11 +49,9 @@ def predict_samples(model: torch.nn.Module, samples: Sequence[dict], device="cpu
 
     model.eval()
     device = torch.device(device)
-    param = next(model.parameters())
-    def norm(key, mean, std):
-        x = torch.stack([s[key] for s in samples]).to(device).float() / 255.0  # (B, 3, H, W)
-        return ((x - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / torch.tensor(std, device=device).view(1, 3, 1, 1)).to(param.dtype)
-    outputs = as_outputs(model(norm("bg", BG_MEAN, BG_STD), norm("bg_fg", BG_FG_MEAN, BG_FG_STD)))
+    dtype = next(model.parameters()).dtype
+    bg, bg_fg = (normalize(torch.stack([s[key] for s in samples]).to(device), key).to(dtype) for key in ("bg", "bg_fg"))
+    outputs = as_outputs(model(bg, bg_fg))  # bg, bg_fg: (B, 3, H, W)
     probs = torch.sigmoid(outputs["mask"].float()).cpu()
     depth = outputs["depth"].float().clamp(0, 1).cpu() if "depth" in outputs else None
     return list(samples), probs, depth

@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import torch
 
-from .data import BG_FG_MEAN, BG_FG_STD, BG_MEAN, BG_STD, default_device
+from .data import default_device, normalize
 from .errors import UserError, run_cli
 from .models import MODEL_SIZE_MULTIPLE, as_outputs
 
@@ -61,12 +61,10 @@ def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def _normalise(img: np.ndarray, mean, std, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """HxWx3 uint8 -> (1, 3, H, W) normalised as in training."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return ((x - m) / s).to(dtype)
+def _normalise(img: np.ndarray, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """HxWx3 uint8 -> (1, 3, H, W) normalised as in training (`key`: "bg" or "bg_fg")."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    return normalize(x, key).to(dtype)
 
 
 def _model_multiple(model: torch.nn.Module) -> int:
@@ -103,12 +101,12 @@ def predict_batch(
     height, width = np.shape(bg_rgbs[0])[:2]
     size_h, size_w = model_input_size(height, width, image_size, _model_multiple(model))
 
-    def batch(images, mean, std) -> torch.Tensor:
-        return torch.cat([_normalise(_resize(np.asarray(i), size_h, size_w), mean, std, device, param.dtype)
+    def batch(images, key) -> torch.Tensor:
+        return torch.cat([_normalise(_resize(np.asarray(i), size_h, size_w), key, device, param.dtype)
                           for i in images])  # (N, 3, h, w)
 
     model.eval()
-    outputs = as_outputs(model(batch(bg_rgbs, BG_MEAN, BG_STD), batch(bg_fg_rgbs, BG_FG_MEAN, BG_FG_STD)))
+    outputs = as_outputs(model(batch(bg_rgbs, "bg"), batch(bg_fg_rgbs, "bg_fg")))
 
     def back(x: torch.Tensor) -> np.ndarray:  # (N, 1, h, w) in [0, 1] -> (N, H, W) float32 at the input size
         x = x.float().clamp(0, 1)[:, 0].cpu().numpy()

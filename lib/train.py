@@ -24,6 +24,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -89,7 +90,7 @@ class _Signals:
     def install(self) -> None:
         """Route SIGTERM and SIGINT here (main thread only); `restore` puts the previous handlers back."""
         self._previous = {}
-        if threading_is_main():
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -116,12 +117,6 @@ class _Signals:
             if self.pending is not None:
                 self.pending = None
                 raise KeyboardInterrupt
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 SIGNALS = _Signals()
@@ -727,7 +722,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(run_cli(main))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(run_cli(main))  # run_cli also turns Ctrl-C into exit code 130
