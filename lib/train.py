@@ -66,7 +66,7 @@ class Config:
     seed: int = 1
     augment: bool = True
     amp: bool = True  # bf16 where supported, else fp16 + GradScaler; CUDA only
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # CUDA and CPU (measured faster on both); not MPS
     compile: bool = False
     sync_bn: bool = False
     skip_bad_samples: bool = False
@@ -486,7 +486,7 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
     model = make_model(cfg.model)
     if cfg.sync_bn and ddp.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = cfg.channels_last and device.type == "cuda"
+    channels_last = cfg.channels_last and device.type in ("cuda", "cpu")
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
@@ -658,8 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="masknet or depthnet (default depthnet; on --resume, the checkpoint's)")
     p.add_argument("--data", default="synthetic", help="synthetic, modest, or a MODEST folder/zip")
-    p.add_argument("--epochs", type=int, default=None, help="default 12; 4 for the synthetic demo")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32")
+    p.add_argument("--epochs", type=int, default=None, help="default 12; 5 for the synthetic demo")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32; 8 for the synthetic demo")
     p.add_argument("--image-size", type=int, default=None, help="resize to this side; default 224, 64 for the demo")
     p.add_argument("--lr", type=float, default=None, help="default 0.1 (SGD)")
     p.add_argument("--optimizer", default=None, help="sgd (the original recipe) or adamw")
@@ -682,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DEMO = dict(epochs=4, batch_size=16, image_size=64, optimizer="adamw", lr=2e-3, scheduler="onecycle", weight_decay=1e-4)
+DEMO = dict(epochs=5, batch_size=8, image_size=64, optimizer="adamw", lr=2e-3, scheduler="onecycle", weight_decay=1e-4)
 DEMO_LOSS = {"depthnet": "bce_dice_rmse", "masknet": "bce_dice"}  # Dice lifts IoU on small figures within minutes
 
 
