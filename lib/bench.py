@@ -11,7 +11,9 @@ a stored zip written once under data/, ~170 MB), or --data PATH (a MODEST folder
   loader      samples/s of the training loader alone (augmentation on): ours with threads and with worker
               processes, in CPU mode and (on CUDA) GPU mode, against SEED-STYLE, a copy of the original
               pipeline: PIL per file from an extracted folder, albumentations per image with independent draws,
-              Normalize + ToTensorV2, a torch DataLoader with the same number of workers.
+              Normalize + ToTensorV2, a torch DataLoader with the same number of workers. Then the CPU work
+              per sample on one thread, stage by stage (read, decode, augment, collate + float; seed-style),
+              and the samples/s that work allows on this machine's cores.
   model step  samples/s of one SGD step on random batches: DepthNet and MaskNet, fp32 vs AMP (CUDA), eager vs
               torch.compile (--compile), channels_last on CUDA.
   end to end  samples/s of `train_one_epoch` with our loader (the training recipe), the time one epoch of
@@ -304,6 +306,58 @@ def measure_seed_end_to_end(root: Path, files: list, size: int | None, model_nam
 # ---------------------------------------------------------------------------------------------- zip index
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch and OpenCV on one thread each, restored afterwards: per-sample costs without parallel speed-ups."""
+    import cv2
+
+    saved = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        cv2.setNumThreads(saved[1])
+
+
+def measure_cpu_stages(train_set: ModestDataset, samples: int, batch: int, seed_dataset: Dataset | None = None) -> dict:
+    """Milliseconds per sample of each CPU stage of our loader on one thread (read, decode, augment, collate + float),
+    and of one seed-style sample; what the loader could reach if its threads scaled perfectly over the cores."""
+    from .augment import apply_augment
+    from .data import collate_samples
+
+    n = min(samples, len(train_set))
+    rows = [int(train_set.rows[i]) for i in range(n)]
+    loader = make_loader(train_set, batch_size=batch, shuffle=False, num_workers=0, device="cpu")
+
+    def per_sample(fn: Callable[[int], object], count: int = n) -> float:
+        start = time.perf_counter()
+        for i in range(count):
+            fn(i)
+        return (time.perf_counter() - start) / count * 1e3
+
+    with one_thread():
+        backgrounds = [train_set._background(int(train_set.bg_ids[r])) for r in rows]  # decoded once per run, not timed
+        datas = [[train_set.source.read(int(train_set.sample_members[r, c])) for c in range(3)] for r in rows]
+        stages = {"read": per_sample(lambda i: [train_set.source.read(int(train_set.sample_members[rows[i], c])) for c in range(3)])}
+        stages["decode"] = per_sample(lambda i: train_set._load_others(rows[i], backgrounds[i][1], datas[i]))
+        others = [train_set._load_others(r, backgrounds[i][1], datas[i]) for i, r in enumerate(rows)]
+        stages["augment"] = per_sample(lambda i: apply_augment(train_set.augment, backgrounds[i][0], *others[i])) \
+            if train_set.augment is not None else 0.0
+        loaded = [train_set.load(i) for i in range(min(n, batch))]
+        stages["collate_and_float"] = per_sample(lambda i: loader.to_device(collate_samples(loaded)), 5) / len(loaded)
+        seed_ms = per_sample(lambda i: seed_dataset[i], min(n, len(seed_dataset))) if seed_dataset is not None else None
+    total = sum(stages.values())
+    cores = default_cores()
+    result = {"ms_per_sample": {k: round(v, 3) for k, v in stages.items()}, "total_ms": round(total, 3), "cores": cores,
+              "ceiling_samples_per_s": round(cores * 1e3 / total, 1)}
+    if seed_ms is not None:
+        result["seed_style_ms"] = round(seed_ms, 3)
+        result["ceiling_vs_seed"] = round(seed_ms / total, 1)
+    return result
+
+
 def write_many_member_zip(path: Path, members: int = ZIP_TEST_MEMBERS) -> Path:
     """A stored ZIP64 zip of `members` one-byte files named like MODEST's (bg_fg/, bg_fg_mask/, bg_fg_depth_map/)."""
     data, crc = b"x", zlib.crc32(b"x")
@@ -532,6 +586,19 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
             log(f"  {name:<44} {r['samples_per_s']:>9.1f} {speedup}   first batch {r['first_batch_s']:.1f} s{mark}")
     if seed_rate and "samples_per_s" in loaders.get(default_name, {}):
         report["loader_speedup_vs_seed"] = round(loaders[default_name]["samples_per_s"] / seed_rate, 1)
+
+    def stages() -> dict:
+        seed_set = SeedStyleDataset(extracted["root"], extracted["files"], size) if "root" in extracted else None
+        return measure_cpu_stages(train_set, min(loader_samples, 256), batch, seed_set)
+
+    _try(report, "cpu_stages", stages, "cpu_stages")
+    c = report["cpu_stages"]
+    if "error" not in c:
+        parts = " | ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in c["ms_per_sample"].items())
+        log(f"  CPU work per sample, one thread (ms): {parts} | total {c['total_ms']:.2f}"
+            + (f"; seed-style {c['seed_style_ms']:.2f}" if "seed_style_ms" in c else ""))
+        log(f"  -> at most {c['ceiling_samples_per_s']:,.0f} samples/s on {c['cores']} cores if the threads scaled perfectly"
+            + (f" ({c['ceiling_vs_seed']}x the seed-style work per sample)" if "ceiling_vs_seed" in c else ""))
 
     # ---- model step
     steps: list = []

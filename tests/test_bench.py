@@ -315,6 +315,12 @@ def test_bench_runs_end_to_end_and_prints_json(tmp_path):
     assert "loader only" in out.stdout and "end to end" in out.stdout  # the table came first
     seed = [k for k in loaders if k.startswith("seed")]
     assert seed and "samples_per_s" in loaders[seed[0]]
+    stages = report["cpu_stages"]  # per-sample CPU work, stage by stage, and what it allows
+    assert set(stages["ms_per_sample"]) == {"read", "decode", "augment", "collate_and_float"}, stages
+    assert all(v > 0 for v in stages["ms_per_sample"].values()) and stages["seed_style_ms"] > 0
+    assert stages["total_ms"] == pytest.approx(sum(stages["ms_per_sample"].values()), abs=0.01)
+    assert stages["ceiling_samples_per_s"] == pytest.approx(stages["cores"] * 1e3 / stages["total_ms"], rel=0.01)
+    assert "CPU work per sample" in out.stdout
 
 
 def test_bench_rejects_bad_arguments():
