@@ -51,13 +51,6 @@ def make_train_augment(p_flip: float = 0.5, p_color: float = 0.5, seed: int | No
     )
 
 
-def make_flip_augment(p_flip: float = 0.5, seed: int | None = None) -> A.Compose:
-    """Geometric part only (the photometric part then runs on the GPU with `jitter_batch`)."""
-    if A is None:
-        return MissingAlbumentations()
-    return A.Compose([A.HorizontalFlip(p=p_flip)], additional_targets={"bg_fg": "image", "depth": "mask"}, seed=seed)
-
-
 def apply_augment(augment: A.Compose, bg: np.ndarray, bg_fg: np.ndarray, mask: np.ndarray, depth: np.ndarray):
     """Apply one draw of `augment` to the four HWC uint8 arrays; return them in the same order."""
     out = augment(image=bg, bg_fg=bg_fg, mask=mask, depth=depth)

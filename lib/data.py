@@ -72,6 +72,8 @@ def denormalize(x: torch.Tensor, key: str) -> torch.Tensor:
     """The inverse of `normalize`, to float [0, 1] images (B,3,H,W)."""
     mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in STATS[key])
     return x * std + mean
+
+
 FOLDERS = {"bg": "bg/", "bg_fg": "bg_fg/", "mask": "bg_fg_mask/", "depth": "bg_fg_depth_map/"}
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 
@@ -120,7 +122,7 @@ class ZipSource:
 
     def find(self, names: np.ndarray) -> np.ndarray:
         """Indices of `names` (bytes) among the members; -1 where absent."""
-        return find_sorted(self.names, names)
+        return self.index.find(names)
 
     def read(self, i: int) -> bytes:
         """The bytes of member `i`."""
@@ -300,13 +302,14 @@ class ModestDataset(Dataset):
             self._bg_cache, self._bg_cache_pid = {}, os.getpid()
         hit = self._bg_cache.get(bg_id)
         if hit is None:
-            member = int(self.bg_members[bg_id])
-            img = decode_image(self.source.read(member), gray=False, where=self.source.where(member))
-            shape = img.shape[:2]
-            if self.image_size:
-                img = resize(img, self.image_size)
-            hit = self._bg_cache[bg_id] = (img, shape)
+            hit = self._bg_cache[bg_id] = self._decode_background(bg_id)
         return hit
+
+    def _decode_background(self, bg_id: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """Background `bg_id` read, decoded and resized (to image_size, if set); also its original (H, W)."""
+        member = int(self.bg_members[bg_id])
+        img = decode_image(self.source.read(member), gray=False, where=self.source.where(member))
+        return (resize(img, self.image_size) if self.image_size else img), img.shape[:2]
 
     def check_size(self, row: int, col: int, shape: tuple[int, int], bg_shape: tuple[int, int]) -> None:
         """DataError naming the file when image `col` (0 bg_fg, 1 mask, 2 depth) of `row` differs from its background's size."""
@@ -365,15 +368,12 @@ class ModestDataset(Dataset):
         images: list[np.ndarray | None] = []
         errors: dict[int, str] = {}
         for bg_id in range(n_bg):
-            member = int(self.bg_members[bg_id])
             try:
-                img = decode_image(self.source.read(member), gray=False, where=self.source.where(member))
+                img, shapes[bg_id] = self._decode_background(bg_id)
             except DataError as exc:
                 errors[bg_id] = str(exc)
-                images.append(None)
-                continue
-            shapes[bg_id] = img.shape[:2]
-            images.append(resize(img, self.image_size) if self.image_size else img)
+                img = None
+            images.append(img)
         self.bg_shapes, self.bg_errors = shapes, errors
         sizes = {img.shape for img in images if img is not None}
         if len(sizes) > 1:
@@ -623,7 +623,7 @@ class DeviceLoader:
         self._luts = None
         if self.device.type == "cpu" and cv2 is not None:  # uint8 -> float as one table look-up per pixel (same numbers)
             levels = torch.arange(256, dtype=torch.float32).view(1, 1, 256, 1)  # (1, 1, 256, 1)
-            self._luts = {key: ((levels - self._mean[key].view(1, 3, 1, 1)) / self._std[key].view(1, 3, 1, 1))[0].numpy()
+            self._luts = {key: ((levels - self._mean[key]) / self._std[key])[0].numpy()
                           for key in ("bg", "bg_fg")}  # (3, 256, 1) float32 each
             self._luts["depth"] = (levels / 255.0)[0].numpy()  # (1, 256, 1)
 
@@ -888,14 +888,15 @@ def make_loader(
     collate = collate_device_samples if mode == "gpu" else collate_samples
     pin = device.type == "cuda" and not encoded
     kind = DEFAULT_LOADER if loader == "auto" else loader
+    shuffle = shuffle and sampler is None  # an explicit sampler decides the order
     if kind == "threads" and workers > 0:
-        inner = ThreadLoader(source, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+        inner = ThreadLoader(source, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                              drop_last=drop_last, num_workers=workers, collate_fn=collate, pin_memory=pin)
     else:
         inner = DataLoader(
             source,
             batch_size=batch_size,
-            shuffle=shuffle if sampler is None else False,
+            shuffle=shuffle,
             sampler=sampler,
             num_workers=workers,
             collate_fn=collate,

@@ -81,26 +81,29 @@ class ZipIndex:
         """Bytes of member `i`, decompressed; DataError naming the member when it is damaged."""
         fd = self._descriptor()
         offset, csize = int(self.offsets[i]), int(self.csizes[i])
-        name = self.names[i].decode("utf-8", "replace")
         head = os.pread(fd, 30 + 256 + csize, offset)  # header + typical name/extra + data: one read
         if len(head) < 30 or head[:4] != _LOCAL:
-            raise DataError(f"{self.path}: member {name} is damaged (bad local header); re-download the zip")
+            raise self._member_error(i, "is damaged (bad local header); re-download the zip")
         name_len, extra_len = struct.unpack_from("<HH", head, 26)
         start = 30 + name_len + extra_len
         data = head[start : start + csize]
         if len(data) < csize:
             data += os.pread(fd, csize - len(data), offset + start + len(data))
         if len(data) < csize:
-            raise DataError(f"{self.path}: member {name} is truncated; the zip is incomplete")
+            raise self._member_error(i, "is truncated; the zip is incomplete")
         method = int(self.methods[i])
         if method == 8:
             try:
                 data = zlib.decompress(data, -15)
             except zlib.error as exc:
-                raise DataError(f"{self.path}: member {name} is corrupt ({exc})") from None
+                raise self._member_error(i, f"is corrupt ({exc})") from None
         elif method != 0:
-            raise DataError(f"{self.path}: member {name} uses unsupported compression method {method}")
+            raise self._member_error(i, f"uses unsupported compression method {method}")
         return data
+
+    def _member_error(self, i: int, problem: str) -> DataError:
+        """A DataError naming the zip and member `i` (the name is decoded only when something went wrong)."""
+        return DataError(f"{self.path}: member {self.names[i].decode('utf-8', 'replace')} {problem}")
 
     def check_crc(self, i: int) -> bool:
         """True when member `i`'s bytes match the CRC-32 the zip records."""
