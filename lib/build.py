@@ -40,12 +40,11 @@ from typing import Callable
 
 import cv2
 import numpy as np
-import simplejpeg
 import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .synthetic import FG_HEIGHT, JPEG_QUALITY, TARGET_QUALITY, paste_figure
+from .synthetic import encode_jpeg, encode_png, fg_height, paste_figure
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff")
@@ -101,11 +100,6 @@ def load_background(path: Path, size: int) -> np.ndarray:
     top, left = (height - side) // 2, (width - side) // 2
     square = img[top:top + side, left:left + side]
     return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA) if side != size else square.copy()
-
-
-def fg_height(size: int) -> int:
-    """Height of the pasted cut-outs: 108 at size 224 (MODEST), proportional otherwise."""
-    return max(8, round(FG_HEIGHT * size / 224))
 
 
 def load_cutout(path: Path, size: int) -> np.ndarray:
@@ -230,20 +224,6 @@ def make_depth_fn(spec: str | None, device: torch.device | str | None = None) ->
 # ---------------------------------------------------------------------------------------------- the dataset
 
 
-def _jpeg(img: np.ndarray) -> bytes:
-    """RGB (H, W, 3) -> JPEG at JPEG_QUALITY; gray (H, W) -> JPEG at TARGET_QUALITY (as lib.synthetic writes them)."""
-    if img.ndim == 2:
-        return simplejpeg.encode_jpeg(np.ascontiguousarray(img[..., None]), TARGET_QUALITY, colorspace="GRAY")
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(img), JPEG_QUALITY, colorspace="RGB")
-
-
-def _png(img: np.ndarray) -> bytes:
-    """RGBA (H, W, 4) or gray (H, W) uint8 -> PNG bytes."""
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGBA2BGRA) if img.ndim == 3 else img)
-    assert ok
-    return buf.tobytes()
-
-
 def _check_args(size: int, placements: int, seed: int, n_bg: int, n_fg: int) -> None:
     if not 32 <= size <= 4096:
         raise UserError(f"--size must be between 32 and 4096, not {size}")
@@ -285,14 +265,14 @@ def build_dataset(
         for folder in ("bg", "fg", "fg_mask", "bg_fg", "bg_fg_mask", "bg_fg_depth_map"):
             (tmp / folder).mkdir(parents=True)
         for f, cutout in enumerate(cutouts, 1):
-            (tmp / "fg" / f"fg{f:03d}.png").write_bytes(_png(cutout))
-            (tmp / "fg_mask" / f"fg{f:03d}_mask.png").write_bytes(_png(np.where(cutout[..., 3] >= 128, 255, 0).astype(np.uint8)))
+            (tmp / "fg" / f"fg{f:03d}.png").write_bytes(encode_png(cutout))
+            (tmp / "fg_mask" / f"fg{f:03d}_mask.png").write_bytes(encode_png(np.where(cutout[..., 3] >= 128, 255, 0).astype(np.uint8)))
         file_map, bbox = [], []
         bar = tqdm(total=len(bgs) * len(cutouts) * 2 * placements, unit="sample", desc="build", disable=not progress,
                    dynamic_ncols=True)
         with bar:
             for b, bg in enumerate(bgs, 1):
-                (tmp / "bg" / f"bg{b:03d}.jpeg").write_bytes(_jpeg(bg))
+                (tmp / "bg" / f"bg{b:03d}.jpeg").write_bytes(encode_jpeg(bg))
                 for f, cutout in enumerate(cutouts, 1):
                     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(b, f)))
                     h, w = cutout.shape[:2]
@@ -306,9 +286,9 @@ def build_dataset(
                         masks.append(mask)
                     depths = depth_fn(bg, bg_fgs)
                     for name, (x, y, w_, h_), bg_fg, mask, depth in zip(names, boxes, bg_fgs, masks, depths):
-                        (tmp / "bg_fg" / f"{name}.jpeg").write_bytes(_jpeg(bg_fg))
-                        (tmp / "bg_fg_mask" / f"{name}_mask.jpeg").write_bytes(_jpeg(mask))
-                        (tmp / "bg_fg_depth_map" / f"{name}_depth_map.jpeg").write_bytes(_jpeg(depth))
+                        (tmp / "bg_fg" / f"{name}.jpeg").write_bytes(encode_jpeg(bg_fg))
+                        (tmp / "bg_fg_mask" / f"{name}_mask.jpeg").write_bytes(encode_jpeg(mask))
+                        (tmp / "bg_fg_depth_map" / f"{name}_depth_map.jpeg").write_bytes(encode_jpeg(depth))
                         file_map.append(f"bg{b:03d}\t{name}\t{name}_mask\t{name}_depth_map\n")
                         bbox.append(f"{name}.jpeg\t{x}\t{y}\t{w_}\t{h_}\n")
                     bar.update(len(names))

@@ -829,14 +829,14 @@ def _make_rng(seed, *key) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
 
-def _encode_jpeg(img) -> bytes:
+def encode_jpeg(img) -> bytes:
     """RGB (H, W, 3) uint8 -> JPEG bytes (JPEG_QUALITY); gray (H, W) -> JPEG bytes (TARGET_QUALITY)."""
     if img.ndim == 2:
         return simplejpeg.encode_jpeg(np.ascontiguousarray(img[..., None]), TARGET_QUALITY, colorspace="GRAY")
     return simplejpeg.encode_jpeg(np.ascontiguousarray(img), JPEG_QUALITY, colorspace="RGB")
 
 
-def _encode_png(img) -> bytes:
+def encode_png(img) -> bytes:
     """RGBA (H, W, 4) or gray (H, W) uint8 -> PNG bytes."""
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGBA2BGRA)
@@ -845,8 +845,8 @@ def _encode_png(img) -> bytes:
     return buf.tobytes()
 
 
-def _fg_height(size) -> int:
-    """Height of the fg/ cut-outs at image `size` (108 at 224, as in MODEST)."""
+def fg_height(size) -> int:
+    """Height of the fg/ cut-outs at image `size` (108 at 224, as in MODEST); lib.build sizes its cut-outs by it too."""
     return max(8, round(FG_HEIGHT * size / 224))
 
 
@@ -857,11 +857,11 @@ def _make_fg(args) -> tuple[dict, bytes, bytes]:
     height_m = float(rng.uniform(*FIGURE_HEIGHT_M))
     rgba = make_figure(rng, size)
     master = _premultiply(rgba)
-    h = _fg_height(size)
+    h = fg_height(size)
     cutout = _resize_figure(master, h, max(1, round(h * rgba.shape[1] / rgba.shape[0])))
     mask = np.where(cutout[..., 3] >= 128, 255, 0).astype(np.uint8)
     fig = {"master": master, "height_m": height_m, "aspect": rgba.shape[1] / rgba.shape[0]}
-    return fig, _encode_png(cutout), _encode_png(mask)
+    return fig, encode_png(cutout), encode_png(mask)
 
 
 _WORKER: dict = {}  # per-process state: figures, arguments, the latest room
@@ -879,7 +879,7 @@ def _get_room(b) -> tuple[Room, bytes]:
     if key != b:
         room = make_room(_make_rng(_WORKER["seed"], 0, b), _WORKER["size"])
         room.depth_u8 = encode_depth(room.depth)  # (H, W) uint8
-        cached = (room, _encode_jpeg(room.rgb))
+        cached = (room, encode_jpeg(room.rgb))
         _WORKER["room"] = (b, cached)
     return cached
 
@@ -901,7 +901,7 @@ def _make_pair(task) -> tuple[tuple[int, int], bytes | None, list]:
             box = depth[p.y:p.y + p.h, p.x:p.x + p.w]
             inside = mask[p.y:p.y + p.h, p.x:p.x + p.w] > 0
             box[inside] = depth_box[inside]
-            samples.append((number, (p.x, p.y, p.w, p.h), _encode_jpeg(bg_fg), _encode_jpeg(mask), _encode_jpeg(depth)))
+            samples.append((number, (p.x, p.y, p.w, p.h), encode_jpeg(bg_fg), encode_jpeg(mask), encode_jpeg(depth)))
     samples.sort(key=lambda s: s[0])
     return (b, f), (bg_jpeg if f == 0 else None), samples
 
@@ -1083,7 +1083,7 @@ def _make_meta(size, backgrounds, foregrounds, placements, seed) -> dict:
             "backgrounds": backgrounds, "foregrounds": foregrounds, "placements": placements, "seed": seed,
             "samples": backgrounds * foregrounds * 2 * placements, "max_depth": MAX_DEPTH,
             "depth": "z-depth (along the optical axis) in metres; 0..max_depth -> 0..255, brighter = farther",
-            "fg_height": _fg_height(size)}
+            "fg_height": fg_height(size)}
 
 
 def _map_tasks(fn, tasks, workers, initializer=None, initargs=()):
