@@ -34,7 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from .augment import apply_augment, flip_batch, jitter_batch, make_train_augment
 from .errors import DataError, UserError
-from .modest import FILE_MAP, parse_file_map
+from .modest import FILE_MAP, FOLDERS, parse_file_map, resolve_names
 from .zipindex import ZipIndex, find_sorted
 
 try:  # libjpeg-turbo with the GIL released: the fastest JPEG decoder on CPU
@@ -74,8 +74,6 @@ def denormalize(x: torch.Tensor, key: str) -> torch.Tensor:
     return x * std + mean
 
 
-FOLDERS = {"bg": "bg/", "bg_fg": "bg_fg/", "mask": "bg_fg_mask/", "depth": "bg_fg_depth_map/"}
-EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,8 +241,11 @@ class ModestDataset(Dataset):
         self.image_size = image_size
         self.split = split
         self.source, self.prefix = open_source(self.root)
-        names, lines = self._read_file_map()
-        members = {kind: self._resolve(kind, names[:, col], lines) for col, kind in enumerate(FOLDERS)}
+        i = self.source.find(np.array([(self.prefix + FILE_MAP).encode()]))[0]
+        where = self.source.where(i)
+        names, lines = parse_file_map(self.source.read(i), where)  # (N, 4) bytes names, their line numbers
+        members = {kind: resolve_names(kind, names[:, col], lines, self.prefix, self.source.find, where)
+                   for col, kind in enumerate(FOLDERS)}
         bg_members, self.bg_ids = np.unique(members["bg"], return_inverse=True)
         self.bg_members = bg_members  # (n_bg,) member index of each background
         self.sample_members = np.stack([members["bg_fg"], members["mask"], members["depth"]], 1)  # (N, 3)
@@ -271,30 +272,6 @@ class ModestDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def _read_file_map(self) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 4) bytes names and their 1-based line numbers; DataError naming the line when malformed."""
-        i = self.source.find(np.array([(self.prefix + FILE_MAP).encode()]))[0]
-        return parse_file_map(self.source.read(i), self.source.where(i))
-
-    def _resolve(self, kind: str, names: np.ndarray, lines: np.ndarray) -> np.ndarray:
-        """Member indices of `names` in FOLDERS[kind] with any image extension; DataError on the first missing."""
-        found = np.full(len(names), -1, dtype=np.int64)
-        base = np.char.add((self.prefix + FOLDERS[kind]).encode(), names)
-        for ext in EXTENSIONS:
-            todo = found < 0
-            if not todo.any():
-                break
-            found[todo] = self.source.find(np.char.add(base[todo], ext.encode()))
-        missing = np.flatnonzero(found < 0)
-        if len(missing):
-            first = missing[0]
-            more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
-            file_map = self.source.where(self.source.find(np.array([(self.prefix + FILE_MAP).encode()]))[0])
-            raise DataError(
-                f"{file_map} line {lines[first]}: {kind} file {FOLDERS[kind]}{names[first].decode()}.jpeg not found{more}"
-            )
-        return found
 
     def _background(self, bg_id: int) -> tuple[np.ndarray, tuple[int, int]]:
         """Decoded (and resized) background, decoded once per process; also its original (H, W)."""

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import DataError, UserError
-from .modest import FILE_MAP, parse_file_map
+from .modest import FILE_MAP, FOLDERS, parse_file_map, resolve_names
 from .zipindex import ZipIndex, find_sorted
 
 # The one place that says where MODEST lives. `size`/`sha256` describe the exact zip on Drive; they are
@@ -58,8 +58,6 @@ REGISTRY: dict[str, dict] = {
 }
 URL_ENV = "MODEST_URL"  # overrides where the MODEST bytes come from (a mirror, or a local server in tests)
 
-FOLDERS = {"bg": "bg/", "bg_fg": "bg_fg/", "mask": "bg_fg_mask/", "depth": "bg_fg_depth_map/"}  # as lib/data.py
-EXTENSIONS = (".jpeg", ".jpg", ".png")
 QUICK_SAMPLE = 1000
 STAMP_VERSION = 1
 _COPY_CHUNK = 8 << 20
@@ -440,7 +438,7 @@ def verify_zip(
     where = f"{path}:{prefix}{FILE_MAP}"
     names, lines = parse_file_map(index.read(int(index.find(np.array([(prefix + FILE_MAP).encode()]))[0])), where)
     for col, kind in enumerate(FOLDERS):
-        _resolve(kind, names[:, col], lines, prefix, index.names, where)
+        resolve_names(kind, names[:, col], lines, prefix, index.find, where)
     checks["file_map"] = f"{len(names):,} samples, every listed file present"
     members = np.arange(len(index))
     if quick and len(members) > sample:
@@ -477,7 +475,10 @@ def verify_folder(path: str | os.PathLike, *, quick: bool = False, sample: int =
             pass  # reported below as the first missing file
     listing.sort()
     present = np.array(listing, dtype=f"S{max([len(n) for n in listing] + [1])}")
-    files = [present[_resolve(kind, names[:, col], lines, "", present, str(root / FILE_MAP))] for col, kind in enumerate(FOLDERS)]
+    def find(paths: np.ndarray) -> np.ndarray:
+        return find_sorted(present, paths)
+
+    files = [present[resolve_names(kind, names[:, col], lines, "", find, str(root / FILE_MAP))] for col, kind in enumerate(FOLDERS)]
     files = np.unique(np.concatenate(files))
     checks = {"file_map": f"{len(names):,} samples, every listed file present"}
     todo = files
@@ -531,25 +532,6 @@ def _find_prefix(names: np.ndarray | None, where: Path) -> str:
                 return top.decode("utf-8", "replace") + "/"
             i = max(i + 1, int(np.searchsorted(names, top + b"0")))  # b"0" sorts right after b"/"
     raise DataError(f"{where}: no {FILE_MAP} at the root or under a top folder (not a MODEST-format dataset)")
-
-
-def _resolve(kind: str, names: np.ndarray, lines: np.ndarray, prefix: str, present: np.ndarray, where: str) -> np.ndarray:
-    """Positions in the sorted `present` of FOLDERS[kind] + name + any image extension; DataError on the first missing."""
-    uniq, inverse = np.unique(names, return_inverse=True)  # 100 backgrounds are listed 400,000 times
-    found = np.full(len(uniq), -1, dtype=np.int64)
-    base = np.char.add((prefix + FOLDERS[kind]).encode(), uniq)
-    for ext in EXTENSIONS:
-        todo = found < 0
-        if not todo.any():
-            break
-        found[todo] = find_sorted(present, np.char.add(base[todo], ext.encode()))
-    found = found[inverse]
-    missing = np.flatnonzero(found < 0)
-    if len(missing):
-        first = missing[0]
-        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
-        raise DataError(f"{where} line {lines[first]}: {kind} file {FOLDERS[kind]}{names[first].decode()}.jpeg not found{more}")
-    return found
 
 
 def _check_crcs(index: ZipIndex, members: np.ndarray, path: Path, progress: bool) -> None:
