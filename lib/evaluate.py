@@ -13,7 +13,7 @@ import torch
 
 from .data import ModestDataset, default_device, denormalize, make_loader
 from .errors import UserError, run_cli
-from .metrics import classical_mask_baseline, iou_from_counts
+from .metrics import classical_mask_baseline, count_mask_overlap, iou_from_counts
 from .models import MODEL_SIZE_MULTIPLE
 from .train import autocast_dtype, evaluate, load_model
 
@@ -33,9 +33,7 @@ def evaluate_baseline(loader, thresholds: Sequence[float] = BASELINE_THRESHOLDS)
         target = batch["mask"] > 0.5
         per_threshold = []
         for t in thresholds:
-            pred = classical_mask_baseline(bg, bg_fg, t)
-            inter = (pred & target).flatten(1).sum(1).double()
-            union = (pred | target).flatten(1).sum(1).double()
+            inter, union, _ = count_mask_overlap(classical_mask_baseline(bg, bg_fg, t), target)
             per_threshold.append(iou_from_counts(inter, union).sum())
         values = torch.stack(per_threshold)
         sums = values if sums is None else sums + values

@@ -12,6 +12,7 @@ __all__ = [
     "DEPTH_VALID_MIN",
     "DELTA1_RATIO",
     "mask_intersection_union",
+    "count_mask_overlap",
     "mask_iou_per_image",
     "mask_dice_per_image",
     "mask_iou_total",
@@ -36,16 +37,20 @@ def binarize(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return torch.sigmoid(logits.float()) > threshold
 
 
-def mask_intersection_union(
-    logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-image counts (B,): |P & T|, |P | T|, |P| + |T| for P = sigmoid(logits) > threshold, T = target > 0.5."""
-    preds = binarize(logits, threshold).flatten(1)  # (B, HW)
-    truth = (target > 0.5).flatten(1)  # (B, HW)
+def count_mask_overlap(preds: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image counts (B,): |P & T|, |P | T|, |P| + |T| for bool masks P = preds, T = truth (B, 1, H, W)."""
+    preds, truth = preds.flatten(1), truth.flatten(1)  # (B, HW)
     intersection = (preds & truth).sum(dim=1)
     union = (preds | truth).sum(dim=1)
     total = preds.sum(dim=1) + truth.sum(dim=1)
     return intersection, union, total
+
+
+def mask_intersection_union(
+    logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image counts (B,): |P & T|, |P | T|, |P| + |T| for P = sigmoid(logits) > threshold, T = target > 0.5."""
+    return count_mask_overlap(binarize(logits, threshold), target > 0.5)
 
 
 def sum_dtype(device: torch.device) -> torch.dtype:

@@ -15,6 +15,7 @@ __all__ = [
     "make_model",
     "count_parameters",
     "as_outputs",
+    "unwrap_model",
 ]
 
 
@@ -44,6 +45,8 @@ def check_pair(bg: torch.Tensor, bg_fg: torch.Tensor, multiple: int = 1) -> None
 
 class MaskNet(nn.Module):
     """Small full-resolution mask network: (bg, bg_fg) (B, 3, H, W) -> mask logits (B, 1, H, W)."""
+
+    size_multiple = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,7 +161,7 @@ class DepthNet(nn.Module):
 
 
 MODELS: dict[str, type[nn.Module]] = {"masknet": MaskNet, "depthnet": DepthNet}
-MODEL_SIZE_MULTIPLE: dict[str, int] = {"masknet": 1, "depthnet": 32}
+MODEL_SIZE_MULTIPLE: dict[str, int] = {name: cls.size_multiple for name, cls in MODELS.items()}
 
 
 def make_model(name: str) -> nn.Module:
@@ -172,6 +175,12 @@ def make_model(name: str) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Return the number of parameters (trainable or not) in `model`."""
     return sum(p.numel() for p in model.parameters())
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the plain model inside DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)
 
 
 def as_outputs(raw: torch.Tensor | tuple | list | dict) -> dict[str, torch.Tensor]:

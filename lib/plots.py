@@ -9,6 +9,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .data import normalize
+from .models import as_outputs
 
 DEPTH_CMAP = "magma"  # brighter = farther, as in MODEST
 
@@ -45,8 +46,6 @@ def plot_samples(samples: Sequence[dict], title: str | None = None) -> Figure:
 @torch.no_grad()
 def predict_samples(model: torch.nn.Module, samples: Sequence[dict], device="cpu"):
     """Run `model` on uint8 sample dicts; return (samples, mask probabilities (B,1,H,W), depth (B,1,H,W) or None)."""
-    from .models import as_outputs
-
     model.eval()
     device = torch.device(device)
     dtype = next(model.parameters()).dtype

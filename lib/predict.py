@@ -37,7 +37,7 @@ import torch
 
 from .data import default_device, normalize
 from .errors import UserError, run_cli
-from .models import MODEL_SIZE_MULTIPLE, as_outputs
+from .models import MODEL_SIZE_MULTIPLE, as_outputs, unwrap_model
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEPTH_CMAP = "magma"  # as lib.plots: brighter = farther
@@ -68,9 +68,7 @@ def _normalise(img: np.ndarray, key: str, device: torch.device, dtype: torch.dty
 
 
 def _model_multiple(model: torch.nn.Module) -> int:
-    inner = getattr(model, "module", model)
-    inner = getattr(inner, "_orig_mod", inner)
-    return int(getattr(inner, "size_multiple", 1))
+    return int(getattr(unwrap_model(model), "size_multiple", 1))
 
 
 def _check_rgb(name: str, img: np.ndarray) -> None:

@@ -39,7 +39,7 @@ from .data import ModestDataset, default_device, make_loader
 from .errors import DataError, UserError, run_cli
 from .losses import DEFAULT_LOSS, make_loss, valid_losses
 from .metrics import Metrics
-from .models import MODEL_SIZE_MULTIPLE, MODELS, as_outputs, count_parameters, make_model
+from .models import MODEL_SIZE_MULTIPLE, MODELS, as_outputs, count_parameters, make_model, unwrap_model
 
 CHECKPOINT_FORMAT = "bgfg-mask-depth/1"
 DEMO_DATA = dict(size=64, backgrounds=100, foregrounds=12, placements=1, seed=0)  # 2,400 samples, 100 rooms
@@ -268,8 +268,7 @@ def train_one_epoch(
             if not math.isfinite(running) and not dist.is_initialized():  # under DDP all ranks stop together, below
                 raise NonFiniteLoss(running)
             if progress is not None:
-                with torch.no_grad():
-                    iou_metrics.update({"mask": outputs["mask"].detach()}, batch)
+                iou_metrics.update(outputs, batch)  # no_grad inside; reads only outputs["mask"]
                 progress.set_postfix(loss=f"{running:.4f}", iou=f"{iou_metrics.compute()['mask_iou']:.3f}", refresh=False)
         if progress is not None:
             progress.update(1)
@@ -326,8 +325,7 @@ def evaluate(
 
 
 def _has_depth(model: nn.Module) -> bool:
-    inner = getattr(model, "module", model)
-    return isinstance(getattr(inner, "_orig_mod", inner), MODELS["depthnet"])
+    return isinstance(unwrap_model(model), MODELS["depthnet"])
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
