@@ -54,6 +54,7 @@ from .data import (
     default_workers,
     make_loader,
     simplejpeg,
+    usable_cores,
 )
 from .errors import UserError, run_cli
 
@@ -349,7 +350,7 @@ def measure_cpu_stages(train_set: ModestDataset, samples: int, batch: int, seed_
         stages["collate_and_float"] = per_sample(lambda i: loader.to_device(collate_samples(loaded)), 5) / len(loaded)
         seed_ms = per_sample(lambda i: seed_dataset[i], min(n, len(seed_dataset))) if seed_dataset is not None else None
     total = sum(stages.values())
-    cores = default_cores()
+    cores = usable_cores()
     result = {"ms_per_sample": {k: round(v, 3) for k, v in stages.items()}, "total_ms": round(total, 3), "cores": cores,
               "ceiling_samples_per_s": round(cores * 1e3 / total, 1)}
     if seed_ms is not None:
@@ -444,7 +445,7 @@ def machine_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu,
-        "cores": default_cores(),
+        "cores": usable_cores(),
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
         "simplejpeg": getattr(simplejpeg, "__version__", None) if simplejpeg is not None else None,
@@ -459,14 +460,6 @@ def machine_info(device: torch.device) -> dict:
         info.update(gpu=props.name, gpu_capability=list(torch.cuda.get_device_capability(device)),
                     gpu_memory_gb=round(props.total_memory / 2**30, 1))
     return info
-
-
-def default_cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def _version(module: str) -> str | None:
