@@ -1,4 +1,4 @@
-"""ipywidgets on top of lib.plots (the validation-set browser), and the notebooks' display helpers."""
+"""ipywidgets on top of lib.plots (the validation-set browser), and the notebooks' display and upload helpers."""
 from __future__ import annotations
 
 import base64
@@ -71,6 +71,22 @@ def pick_samples(dataset, count: int, seed: int = 0) -> list[dict]:
     """`count` samples of `dataset` drawn at random with `seed` (the same ones every time), in index order."""
     picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
     return [dataset[i] for i in sorted(picks.tolist())]
+
+
+def choose_pair(val_set) -> tuple[np.ndarray, np.ndarray]:
+    """(bg, bg_fg) as HxWx3 uint8 RGB: two photos uploaded on Colab (empty scene, then with a person), else val_set[0]."""
+    from .colab import in_colab
+    from .predict import read_rgb
+
+    sample = val_set[0]
+    bg_rgb, bg_fg_rgb = (sample[key].permute(1, 2, 0).numpy() for key in ("bg", "bg_fg"))  # (H, W, 3) uint8
+    if in_colab():
+        from google.colab import files  # only exists on Colab
+
+        chosen = [list(files.upload().keys()) for _ in ("bg", "bg_fg")]  # the empty scene, then the scene with a person
+        if all(chosen):
+            bg_rgb, bg_fg_rgb = read_rgb(chosen[0][0]), read_rgb(chosen[1][0])
+    return bg_rgb, bg_fg_rgb
 
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:

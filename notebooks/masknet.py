@@ -57,7 +57,7 @@ from lib.data import ModestDataset, default_device
 from lib.models import count_parameters, make_model
 from lib.plots import plot_curves, plot_predictions, plot_samples, predict_samples
 from lib.train import Config, fit, load_model, resolve_data
-from lib.widgets import make_browser, make_metrics_table, pick_samples, show_figure
+from lib.widgets import choose_pair, make_browser, make_metrics_table, pick_samples, show_figure
 
 print(describe_device())
 
@@ -158,15 +158,9 @@ browser
 # file is chosen) a validation pair stands in. `python -m lib.predict` does the same from the command line.
 
 # %%
-from lib.predict import plot_prediction, predict_pair, read_rgb
+from lib.predict import plot_prediction, predict_pair
 
-bg_rgb, bg_fg_rgb = (val_set[0][key].permute(1, 2, 0).numpy() for key in ("bg", "bg_fg"))  # (H, W, 3) uint8
-if "google.colab" in sys.modules:
-    from google.colab import files
-
-    chosen = [list(files.upload().keys()) for _ in ("bg", "bg_fg")]  # the empty scene, then the scene with a person
-    if all(chosen):
-        bg_rgb, bg_fg_rgb = read_rgb(chosen[0][0]), read_rgb(chosen[1][0])
+bg_rgb, bg_fg_rgb = choose_pair(val_set)  # (H, W, 3) uint8 each: uploaded on Colab, else a validation pair
 mask_prob, depth_map = predict_pair(model, bg_rgb, bg_fg_rgb, checkpoint["config"]["image_size"], device)
 show_figure(plot_prediction(bg_rgb, bg_fg_rgb, mask_prob, depth_map))
 
