@@ -346,6 +346,25 @@ def save_checkpoint(path: Path, state: dict) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temp_files(out: Path) -> None:
+    """Delete temp files that a killed writer left in a run folder (a SIGKILL skips `save_checkpoint`'s cleanup)."""
+    for tmp in out.glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and _process_alive(int(pid)) and int(pid) != os.getpid():
+            continue  # another live process is writing it
+        tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu", expect_model: str | None = None) -> dict:
     """Read one of our checkpoints; UserError naming the file if it is not one (or is for the other model)."""
     path = Path(path)
@@ -461,6 +480,8 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
                             f"resume with --epochs {saved.epochs}")
         if state["epoch"] >= cfg.epochs:
             raise UserError(f"{out / 'last.pt'}: already trained {state['epoch']} of {cfg.epochs} epochs; raise --epochs to go on")
+        if ddp.rank == 0:
+            remove_stale_temp_files(out)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)

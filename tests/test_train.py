@@ -179,3 +179,17 @@ def test_sigterm_finishes_cleanly_and_says_how_to_resume(small_modest, tmp_path)
     assert proc.returncode != 0
     assert "--resume" in stderr and "Traceback" not in stderr
     assert load_checkpoint(out / "last.pt")["epoch"] >= 1
+
+
+def test_resume_cleanup_removes_temp_files_of_dead_writers_only(tmp_path):
+    from lib.train import remove_stale_temp_files
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    (tmp_path / f".best.pt.{dead.pid}.tmp").write_bytes(b"torn")
+    (tmp_path / ".history.json.tmp").write_text("[")
+    live = tmp_path / f".last.pt.{os.getppid()}.tmp"  # a running process (our parent) may still be writing it
+    live.write_bytes(b"in progress")
+    (tmp_path / "last.pt").write_bytes(b"kept")
+    remove_stale_temp_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "last.pt"])
