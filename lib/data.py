@@ -187,25 +187,30 @@ def _decode_with_torchvision(data: bytes, gray: bool) -> np.ndarray:
     return img[0].numpy() if gray else img.permute(1, 2, 0).numpy()  # (H, W) or (H, W, 3)
 
 
-def resize(img: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
-    """Resize to size x size: nearest for masks; area when shrinking, bilinear when enlarging otherwise."""
+def resize(img: np.ndarray, size: int, mask: bool = False) -> np.ndarray:
+    """Resize to size x size: area when shrinking; when enlarging, bilinear, or nearest for a `mask`.
+
+    A shrunk mask (0/255) is the share of each new pixel the figure covers, so the loader's "> 127" makes a
+    pixel foreground when the figure covers most of it: the same footprint the area-shrunk photos show.
+    (Nearest sampling would keep whichever source pixel sits at the sample point: a label up to a pixel off.)
+    """
     if img.shape[0] == size and img.shape[1] == size:
         return img
     if cv2 is None:
-        out = _resize_tensor(_chw(img).unsqueeze(0), size, nearest)[0].permute(1, 2, 0).numpy()  # (size, size, C)
+        out = _resize_tensor(_chw(img).unsqueeze(0), size, mask)[0].permute(1, 2, 0).numpy()  # (size, size, C)
         return out[:, :, 0] if img.ndim == 2 else out
-    if nearest:
-        mode = cv2.INTER_NEAREST
+    if img.shape[0] > size:
+        mode = cv2.INTER_AREA
     else:
-        mode = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
+        mode = cv2.INTER_NEAREST if mask else cv2.INTER_LINEAR
     return cv2.resize(img, (size, size), interpolation=mode)
 
 
-def _resize_tensor(x: torch.Tensor, size: int, nearest: bool = False) -> torch.Tensor:
-    """Resize uint8 (B, C, H, W) to size x size on its device: nearest for masks, area when shrinking, else bilinear."""
+def _resize_tensor(x: torch.Tensor, size: int, mask: bool = False) -> torch.Tensor:
+    """Resize uint8 (B, C, H, W) to size x size on its device, as `resize` does (area when shrinking)."""
     if x.shape[-2:] == (size, size):
         return x
-    if nearest:
+    if mask and x.shape[-2] < size:
         return F.interpolate(x, size=(size, size), mode="nearest")
     mode = "area" if x.shape[-2] > size else "bilinear"
     y = F.interpolate(x.float(), size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
@@ -305,7 +310,7 @@ class ModestDataset(Dataset):
             data = self.source.read(member) if datas is None else datas[col]
             img = decode_image(data, gray=gray, where=self.source.where(member))
             self.check_size(row, col, img.shape[:2], bg_shape)
-            arrays.append(resize(img, self.image_size, nearest=gray and col == 1) if self.image_size else img)
+            arrays.append(resize(img, self.image_size, mask=col == 1) if self.image_size else img)
         arrays[1] = (arrays[1] > 127).astype(np.uint8)
         return arrays
 
@@ -705,8 +710,8 @@ class DeviceLoader:
                 parts[key].append(t)
         out = {"errors": errors, "name": [batch["name"][i] for i in keep]}
         out["bg_id"] = batch["bg_id"][keep] if len(keep) < n else batch["bg_id"]
-        for key, nearest in (("bg_fg", False), ("mask", True), ("depth", False)):
-            out[key] = self._stack(parts[key], nearest, dataset.image_size, images is not None) if keep else None
+        for key, is_mask in (("bg_fg", False), ("mask", True), ("depth", False)):
+            out[key] = self._stack(parts[key], is_mask, dataset.image_size, images is not None) if keep else None
         if keep and images is not None:
             out["mask"] = (out["mask"] > 127).to(torch.uint8)  # the CPU decoder's binarisation, after the resize
         return out
@@ -739,14 +744,14 @@ class DeviceLoader:
                 t.record_stream(main)
         return [[rgb[i], gray[i], gray[n + i]] for i in range(n)]
 
-    def _stack(self, images: list[torch.Tensor], nearest: bool, size: int | None, resize_here: bool) -> torch.Tensor:
+    def _stack(self, images: list[torch.Tensor], mask: bool, size: int | None, resize_here: bool) -> torch.Tensor:
         """(B, C, H, W) uint8 on the device from per-sample CHW tensors (resized to `size` when decoded here)."""
         if not resize_here:  # the CPU decoder already resized
             return torch.stack(images).to(self.device, non_blocking=True)
         if size is None or len({tuple(t.shape) for t in images}) == 1:
             x = torch.stack(images)  # (B, C, H, W)
-            return _resize_tensor(x, size, nearest) if size else x
-        return torch.cat([_resize_tensor(t.unsqueeze(0), size, nearest) for t in images])
+            return _resize_tensor(x, size, mask) if size else x
+        return torch.cat([_resize_tensor(t.unsqueeze(0), size, mask) for t in images])
 
 
 def _look_up(x: torch.Tensor, luts: np.ndarray) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from conftest import write_tiny_modest, zip_folder
 from lib.augment import apply_augment, jitter_batch, make_train_augment, _hsv_to_rgb, _rgb_to_hsv
-from lib.data import BG_MEAN, BG_STD, ModestDataset, make_loaders, make_split
+from lib.data import BG_MEAN, BG_STD, ModestDataset, _resize_tensor, make_loaders, make_split, resize
 from lib.errors import DataError, UserError
 from lib.zipindex import ZipIndex
 
@@ -65,6 +65,24 @@ def test_image_size_resizes_all_four(tiny_modest):
     sample = ModestDataset(tiny_modest, image_size=32)[3]
     assert [tuple(sample[k].shape[1:]) for k in ("bg", "bg_fg", "mask", "depth")] == [(32, 32)] * 4
     assert set(sample["mask"].unique().tolist()) <= {0, 1}
+
+
+def test_shrunk_mask_is_the_majority_of_each_new_pixel():
+    # A blob with ragged edges, shrunk 3x: a new pixel is foreground when most of its 9 source pixels are
+    # (what the area-shrunk photo shows there), on the CPU (OpenCV) and the device (torch) paths alike.
+    # Nearest sampling would take one of the 9 and differ along the edges.
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:60, :60]
+    radius = 18 + 4 * np.sin(np.arctan2(yy - 30, xx - 30) * 5) + rng.uniform(-1, 1, (60, 60))
+    mask = np.where(np.hypot(yy - 30, xx - 30) < radius, 255, 0).astype(np.uint8)  # (60, 60)
+    majority = mask.reshape(20, 3, 20, 3).mean((1, 3)) > 127.5  # (20, 20)
+    cpu = resize(mask, 20, mask=True) > 127
+    device = _resize_tensor(torch.from_numpy(mask)[None, None], 20, mask=True)[0, 0].numpy() > 127
+    nearest = mask[1::3, 1::3] > 127
+    assert (cpu == majority).all() and (device == majority).all()
+    assert (nearest != majority).sum() > 0  # the case is one where the two rules disagree
+    big = resize(mask, 120, mask=True)  # enlarging stays binary (nearest)
+    assert set(np.unique(big).tolist()) == {0, 255}
 
 
 def test_splits_are_deterministic_disjoint_and_complete(tiny_modest):
