@@ -47,7 +47,7 @@ def make_run_figures(run: Path, out: Path) -> list[Path]:
     history = json.loads((run / "history.json").read_text())
     model, checkpoint = load_model(run / "best.pt")
     cfg = checkpoint["config"]
-    dataset = ModestDataset(resolve_data(cfg["data"], progress=False), "val", cfg["image_size"],
+    dataset = ModestDataset(resolve_data(cfg["data"], progress=False, size=cfg["image_size"]), "val", cfg["image_size"],
                             val_fraction=cfg["val_fraction"], split_by=cfg["split_by"], seed=cfg["seed"])
     samples = pick_samples(dataset, PREDICTION_SAMPLES)
     written = [save_figure(plot_curves(history), out / "curves.png"),

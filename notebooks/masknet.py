@@ -93,7 +93,7 @@ print(f"run folder: {out}")
 # the `depth` map of `bg_fg` (brighter = farther). The split is the original one: 70/30 by sample, seed 1.
 
 # %%
-data_root = resolve_data(DATA)
+data_root = resolve_data(DATA, size=IMAGE_SIZE)  # synthetic: rendered at IMAGE_SIZE
 dataset = ModestDataset(data_root, image_size=IMAGE_SIZE)
 val_set = dataset.subset("val")
 print(f"{data_root}: {len(dataset):,} samples, {len(dataset.subset('train')):,} train / {len(val_set):,} val")

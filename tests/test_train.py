@@ -193,3 +193,34 @@ def test_resume_cleanup_removes_temp_files_of_dead_writers_only(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"kept")
     remove_stale_temp_files(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "last.pt"])
+
+
+def test_command_line_recipes():
+    """No arguments: the CPU demo's recipe; a path: the original recipe; flags override either."""
+    from lib.train import DEMO, build_parser, config_from_args
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(list(argv)))
+
+    demo = cfg()
+    assert {k: getattr(demo, k) for k in DEMO} == DEMO and demo.loss == "bce_dice_rmse"
+    original = cfg("--data", "some/folder")
+    assert (original.optimizer, original.lr, original.weight_decay, original.epochs) == ("sgd", 0.1, 1e-8, 12)
+    assert cfg("--data", "some/folder", "--weight-decay", "1e-4").weight_decay == 1e-4
+    assert cfg("--optimizer", "sgd").weight_decay == 1e-8  # the demo's AdamW decay does not follow a switch to SGD
+    assert cfg("--image-size", "128", "--epochs", "12").image_size == 128
+
+
+def test_synthetic_data_is_rendered_at_the_run_size(tmp_path, monkeypatch):
+    """`--image-size 128` on the synthetic set renders 128 px scenes (not 64 px ones enlarged); no size: the demo's."""
+    import simplejpeg
+
+    import lib.train as train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "DEMO_DATA", dict(size=32, backgrounds=2, foregrounds=1, placements=1, seed=0))
+    for size, expect in ((64, 64), (None, 32)):
+        root = train.resolve_data("synthetic", progress=False, size=size)
+        assert root.name == f"synthetic-{expect}px-2x1x2-seed0"
+        bg = simplejpeg.decode_jpeg((root / "bg" / "bg001.jpeg").read_bytes())
+        assert bg.shape == (expect, expect, 3)
