@@ -74,8 +74,6 @@ def denormalize(x: torch.Tensor, key: str) -> torch.Tensor:
     return x * std + mean
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Sources: a folder or a zip, seen as a sorted array of member names and `read(i)`.
 

@@ -1,9 +1,9 @@
 """The MODEST format without torch (so data_download.py starts fast): parsing `file_map.txt`, finding its files."""
 from __future__ import annotations
 
-import numpy as np
-
 from typing import Callable
+
+import numpy as np
 
 from .errors import DataError
 

@@ -360,7 +360,7 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
         return True
     return True
 
@@ -683,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", help="synthetic, modest, or a MODEST folder/zip")
     p.add_argument("--epochs", type=int, default=None, help="default 12; 5 for the synthetic demo")
     p.add_argument("--batch-size", type=int, default=None, help="default 32; 8 for the synthetic demo")
-    p.add_argument("--image-size", type=int, default=None, help="resize to this side; default 224, 64 for the demo")
+    p.add_argument("--image-size", type=int, default=None, help="resize to this side (the synthetic set is rendered at it); default 224, 64 for the demo")
     p.add_argument("--lr", type=float, default=None, help="default 0.1 (SGD)")
     p.add_argument("--optimizer", default=None, help="sgd (the original recipe) or adamw")
     p.add_argument("--scheduler", default=None, help="none, onecycle or cosine")
