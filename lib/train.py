@@ -457,7 +457,8 @@ def validate_config(cfg: Config) -> None:
 
 
 def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = False, progress: bool = True) -> list[dict]:
-    """Train per `cfg` (data from `data_root`, default cfg.data) and return the history (one dict per epoch)."""
+    """Train per `cfg` and return the history (one dict per epoch). Data from `data_root`, else from cfg.data through
+    `resolve_data` (the synthetic set rendered at cfg.image_size, MODEST downloaded, or a path)."""
     from tqdm.auto import tqdm
 
     validate_config(cfg)
@@ -482,6 +483,7 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
             raise UserError(f"{out / 'last.pt'}: already trained {state['epoch']} of {cfg.epochs} epochs; raise --epochs to go on")
         if ddp.rank == 0:
             remove_stale_temp_files(out)
+    root = data_root if data_root is not None else resolve_data(cfg.data, progress and ddp.is_main, cfg.image_size)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
@@ -490,7 +492,6 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    root = data_root if data_root is not None else cfg.data
     dataset = ModestDataset(root, "all", cfg.image_size, False, cfg.val_fraction, cfg.split_by, cfg.seed)
     train_set, val_set = dataset.subset("train", cfg.augment), dataset.subset("val")
     if len(train_set) == 0 or len(val_set) == 0:
@@ -732,14 +733,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     validate_config(cfg)
-    data_progress = not args.quiet and int(os.environ.get("RANK", "0")) == 0
     if args.resume:
         saved = load_checkpoint(Path(cfg.out) / "last.pt", expect_model=args.model)["config"]
         cfg = dataclasses.replace(cfg, model=saved["model"], epochs=args.epochs or saved["epochs"])
-        root = resolve_data(saved["data"], progress=data_progress, size=saved["image_size"])
-    else:
-        root = resolve_data(cfg.data, progress=data_progress, size=cfg.image_size)
-    history = fit(cfg, root, resume=args.resume, progress=not args.quiet)
+    history = fit(cfg, resume=args.resume, progress=not args.quiet)  # fit resolves the data (the saved run's, on resume)
     if history and int(os.environ.get("RANK", "0")) == 0:
         best = min(history, key=lambda r: r["val_loss"])
         print(f"done: best epoch {best['epoch']} (val loss {best['val_loss']:.4f}, IoU {best['mask_iou']:.4f}"
