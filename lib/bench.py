@@ -246,8 +246,9 @@ def measure_step(model_name: str, size: int, batch: int, device: torch.device, *
 
 
 def measure_ours_end_to_end(dataset: ModestDataset, model_name: str, samples: int, batch: int, workers: int,
-                            device: torch.device, compile_model: bool) -> dict:
-    """`train_one_epoch` over `samples` training samples with the default loader and the training recipe."""
+                            device: torch.device, compile_model: bool, ahead: int | None = None) -> dict:
+    """`train_one_epoch` over `samples` training samples with the default loader (or `ahead` batches prepared in
+    the background) and the training recipe."""
     from .train import EpochSampler, train_one_epoch
 
     channels_last = device.type == "cuda"
@@ -257,12 +258,13 @@ def measure_ours_end_to_end(dataset: ModestDataset, model_name: str, samples: in
     def run(limit: int) -> dict:
         sampler = EpochSampler(len(train_set), 1, limit)
         loader = make_loader(train_set, batch_size=batch, shuffle=False, sampler=sampler, num_workers=workers,
-                             device=device, drop_last=True)
+                             device=device, drop_last=True, ahead=ahead)
         result = train_one_epoch(train_model, loader, loss_fn, optimizer, device, amp_dtype=amp_dtype,
                                  channels_last=channels_last, log_every=50)
         result["loader"] = type(loader.loader).__name__
         result["data_mode"] = loader.data_mode
         result["decode_on_device"] = loader.decode_on_device
+        result["ahead"] = loader.ahead
         return result
 
     t0 = time.perf_counter()
@@ -272,7 +274,8 @@ def measure_ours_end_to_end(dataset: ModestDataset, model_name: str, samples: in
     rate = result["samples"] / result["seconds"]
     return {"model": model_name, "recipe": "ours", "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "compiled": compile_model, "channels_last": channels_last, "loader": result["loader"],
-            "data_mode": result["data_mode"], "decode_on_device": result["decode_on_device"], "workers": workers,
+            "data_mode": result["data_mode"], "decode_on_device": result["decode_on_device"], "ahead": result["ahead"],
+            "workers": workers,
             "batch_size": batch, "samples": result["samples"], "samples_per_s": round(rate, 1),
             "epoch_280k_min": round(EPOCH_SAMPLES / rate / 60, 1), "warmup_s": round(warm_s, 1)}
 
@@ -624,6 +627,9 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     with cuda_flags(True):
         _try(e2e, "ours", lambda: measure_ours_end_to_end(dataset, args.models[0], e2e_samples, e2e_batch, workers,
                                                           device, args.compile), "ours")
+        if cuda:  # the same with each batch prepared in the training thread, between steps
+            _try(e2e, "ours, batches prepared inline", lambda: measure_ours_end_to_end(
+                dataset, args.models[0], e2e_samples, e2e_batch, workers, device, args.compile, ahead=0), "inline")
     if cuda or args.seed_end_to_end:
         def seed_e2e() -> dict:
             if "root" not in extracted:
@@ -641,11 +647,19 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
             log(f"  {name:<6} n/a ({r['error']})")
         else:
             how = f"{r['precision']}, {r['loader']}" + (f", {r['data_mode']} mode" if "data_mode" in r else "")
+            how += f", {r['ahead']} batches prepared ahead" if r.get("ahead") else ""
             log(f"  {name:<6} {r['samples_per_s']:>9.1f} samples/s -> one epoch of {EPOCH_SAMPLES:,} samples: "
                 f"{r['epoch_280k_min']:.1f} min  ({how})")
     if "samples_per_s" in e2e.get("seed", {}) and "samples_per_s" in e2e.get("ours", {}):
         report["end_to_end_speedup_vs_seed"] = round(e2e["ours"]["samples_per_s"] / e2e["seed"]["samples_per_s"], 1)
         log(f"  ours / seed: {report['end_to_end_speedup_vs_seed']}x")
+    ours = e2e.get("ours", {})
+    step = next((r for r in steps if "samples_per_s" in r and "samples_per_s" in ours and r["model"] == ours["model"]
+                 and r["precision"] == ours["precision"] and r["compiled"] == ours["compiled"]
+                 and r["batch_size"] == ours["batch_size"]), None)
+    if step is not None:  # the share of the bare step's speed that training with real data keeps
+        report["end_to_end_vs_step"] = round(ours["samples_per_s"] / step["samples_per_s"], 3)
+        log(f"  ours / model step alone ({step['name']}): {100 * report['end_to_end_vs_step']:.0f}%")
 
     # ---- memory
     memory = {"peak_rss": peak_rss_mb()}

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import copy
 import os
+import queue
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -586,8 +587,12 @@ class DeviceLoader:
         backgrounds: torch.Tensor | None = None,
         augment: bool = False,
         decode_on_device: bool = False,
+        ahead: int = 0,
     ):
+        if ahead < 0:
+            raise UserError(f"ahead must be 0 or more batches, not {ahead}")
         self.loader = loader
+        self.ahead = ahead  # batches a background thread prepares on the device while the model trains (0: inline)
         self.device = torch.device(device)
         self.skip_bad_samples = skip_bad_samples
         self.skipped: list[tuple[str, str]] = []
@@ -630,16 +635,84 @@ class DeviceLoader:
         if self.augment:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        for batch in self.loader:
-            if "files" in batch:
-                batch = self.decode_batch(batch)
+        batches = self._prepared_ahead() if self.ahead else (self.prepare(batch) for batch in self.loader)
+        for batch in batches:
             if batch["errors"]:
                 if not self.skip_bad_samples:
                     raise DataError(batch["errors"][0][1] + " (use --skip-bad-samples to leave bad samples out)")
                 self.skipped.extend(batch["errors"])
-            if not batch["name"]:
-                continue
-            yield batch["ready"] if "ready" in batch else self.to_device(batch)
+            if batch["name"]:
+                yield batch["ready"]
+
+    def prepare(self, batch: dict) -> dict:
+        """A loader batch made ready for the step: decoded (GPU mode's JPEG bytes), on the device, augmented and
+        normalised under batch['ready'] (unless a loader thread did that already); errors stay for `__iter__`."""
+        if "files" in batch:
+            batch = self.decode_batch(batch)
+        return self.finish_batch(batch) if "ready" not in batch else batch
+
+    def _prepared_ahead(self) -> Iterator[dict]:
+        """`prepare`d batches from a background thread, up to `self.ahead` ahead, in the loader's order.
+
+        On CUDA the thread works on its own stream and each batch carries an event that the consumer's stream
+        waits for, so the main thread only queues the model's kernels: it never blocks in the decoder (nvJPEG
+        synchronises its stream per call) and the batch's transfers, decoding, jitter and normalisation
+        overlap the previous step. The order of the work, and so every random draw, is the inline path's.
+        """
+        ready: queue.Queue = queue.Queue(self.ahead)
+        stop = threading.Event()
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        def hand_over(item: tuple) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            batches = iter(self.loader)
+            try:
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    for batch in batches:
+                        batch = self.prepare(batch)
+                        event = side.record_event() if side is not None else None
+                        if not hand_over(("batch", batch, event)):
+                            return
+                hand_over(("end", None, None))
+            except BaseException as exc:  # raised again in the consumer
+                hand_over(("error", exc, None))
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+
+        thread = threading.Thread(target=work, name="modest-device-batches", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, item, event = ready.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise item
+                if event is not None:
+                    main = torch.cuda.current_stream(self.device)
+                    main.wait_event(event)
+                    for t in item.get("ready", {}).values():
+                        if isinstance(t, torch.Tensor):
+                            t.record_stream(main)  # made on the side stream, used on this one
+                yield item
+        finally:  # also when the consumer stops early: let the thread leave, then wait for it
+            stop.set()
+            while thread.is_alive():
+                try:
+                    ready.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            thread.join()
 
     def finish_batch(self, batch: dict) -> dict:
         """`to_device` done ahead (in a loader thread), under batch['ready']; errors stay for `__iter__` to handle."""
@@ -843,6 +916,7 @@ def make_loader(
     loader: str = "auto",
     data_mode: str = "auto",
     decode: str = "auto",
+    ahead: int | None = None,
 ) -> DeviceLoader:
     """A DeviceLoader over `dataset` (shuffled or not, or with an explicit sampler).
 
@@ -851,6 +925,7 @@ def make_loader(
     data_mode: "cpu" (decode and augment in the workers), "gpu" (backgrounds kept decoded on the device and sent
     by index; flip and jitter batched on the device; runs on any device), "auto" (gpu on CUDA, else cpu).
     decode: where GPU mode decodes JPEGs: "device" (batched nvJPEG), "cpu", "auto" (see `resolve_decode`).
+    ahead: batches prepared on the device by a background thread while the model trains (None: 2 on CUDA, else 0).
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}")
@@ -891,7 +966,8 @@ def make_loader(
             worker_init_fn=_seed_worker,
         )
     device_loader = DeviceLoader(inner, device, skip_bad_samples=skip_bad_samples, dataset=dataset, backgrounds=backgrounds,
-                                 augment=mode == "gpu" and dataset.augment is not None, decode_on_device=encoded)
+                                 augment=mode == "gpu" and dataset.augment is not None, decode_on_device=encoded,
+                                 ahead=(2 if device.type == "cuda" else 0) if ahead is None else ahead)
     if isinstance(inner, ThreadLoader) and device.type == "cpu" and mode == "cpu":
         inner.finish = device_loader.finish_batch  # on the CPU the float conversion is work: spread it over the threads
     return device_loader
@@ -912,6 +988,7 @@ def make_loaders(
     loader: str = "auto",
     data_mode: str = "auto",
     decode: str = "auto",
+    ahead: int | None = None,
 ) -> tuple[DeviceLoader, DeviceLoader]:
     """(train_loader, val_loader) over a MODEST folder or zip; batches arrive on `device`, normalised (see `make_loader`)."""
     if batch_size < 1:
@@ -919,7 +996,7 @@ def make_loaders(
     dataset = ModestDataset(root, "all", image_size, False, val_fraction, split_by, seed)
     train_set, val_set = dataset.subset("train", augment), dataset.subset("val")
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, skip_bad_samples=skip_bad_samples,
-                  loader=loader, data_mode=data_mode, decode=decode)
+                  loader=loader, data_mode=data_mode, decode=decode, ahead=ahead)
     return make_loader(train_set, shuffle=True, drop_last=len(train_set) > batch_size, **common), make_loader(
         val_set, shuffle=False, **common
     )

@@ -72,6 +72,7 @@ class Config:
     skip_bad_samples: bool = False
     loader: str = "auto"  # threads (default) | processes: who fills batches
     data_mode: str = "auto"  # cpu | gpu (auto: gpu on CUDA): where decoding and augmentation run
+    ahead: int | None = None  # batches prepared on the device by a background thread (None: 2 on CUDA, else 0)
     max_train_samples: int | None = None  # per epoch; None = the whole train split
     log_every: int = 20
     out: str = "runs/demo"
@@ -422,9 +423,9 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoc
     if cfg.scheduler == "none":
         return None
     if cfg.scheduler == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=max(1, steps_per_epoch), pct_start=0.2
-        )
+        total = cfg.epochs * max(1, steps_per_epoch)
+        warm = 0.2 if 0.2 * total != 1 else 0.3  # OneCycleLR divides by zero when its warm-up ends at step 0 (5 steps)
+        sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=warm)
         sched.per_step = True
         return sched
     if cfg.scheduler == "cosine":
@@ -447,6 +448,8 @@ def validate_config(cfg: Config) -> None:
         raise UserError(f"--image-size {cfg.image_size} does not work for {cfg.model}: use a multiple of {max(multiple, 1)} of at least 32")
     if cfg.workers is not None and cfg.workers < 0:
         raise UserError(f"--workers must be 0 or more, not {cfg.workers}")
+    if cfg.ahead is not None and cfg.ahead < 0:
+        raise UserError(f"--ahead must be 0 or more, not {cfg.ahead}")
     if cfg.split_by not in ("sample", "background"):
         raise UserError(f"--split-by must be sample or background, not {cfg.split_by!r}")
     if cfg.max_train_samples is not None and cfg.max_train_samples < 1:
@@ -474,7 +477,7 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
     if resume:
         state = load_checkpoint(out / "last.pt", expect_model=cfg.model)
         saved = Config(**state["config"])
-        cfg = dataclasses.replace(saved, epochs=cfg.epochs, out=cfg.out, workers=cfg.workers,
+        cfg = dataclasses.replace(saved, epochs=cfg.epochs, out=cfg.out, workers=cfg.workers, ahead=cfg.ahead,
                                   skip_bad_samples=cfg.skip_bad_samples, log_every=cfg.log_every)
         if saved.scheduler == "onecycle" and cfg.epochs != saved.epochs:
             raise UserError(f"{out / 'last.pt'}: its onecycle schedule was planned for {saved.epochs} epochs; "
@@ -499,7 +502,7 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
     train_sampler = EpochSampler(len(train_set), cfg.seed, cfg.max_train_samples, ddp.rank, ddp.world_size)
     val_sampler = ShardSampler(len(val_set), ddp.rank, ddp.world_size) if ddp.enabled else None
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, device=device, skip_bad_samples=cfg.skip_bad_samples,
-                  loader=cfg.loader, data_mode=cfg.data_mode)
+                  loader=cfg.loader, data_mode=cfg.data_mode, ahead=cfg.ahead)
     train_loader = make_loader(train_set, shuffle=False, sampler=train_sampler, drop_last=len(train_sampler) > cfg.batch_size, **common)
     val_loader = make_loader(val_set, shuffle=False, sampler=val_sampler, **common)
 
@@ -703,6 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-samples", action="store_true", help="leave out unreadable samples and list them")
     p.add_argument("--loader", default="auto", help="threads (the default) or processes")
     p.add_argument("--data-mode", default="auto", help="cpu or gpu: where decoding and augmentation run (auto: gpu on CUDA)")
+    p.add_argument("--ahead", type=int, default=None,
+                   help="batches a background thread prepares on the device during the step (default 2 on CUDA, 0 elsewhere; 0: between steps)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -725,7 +730,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(model=model, data=args.data, workers=args.workers, split_by=args.split_by,
                   seed=args.seed, amp=not args.no_amp, augment=not args.no_augment, compile=args.compile,
                   sync_bn=args.sync_bn, skip_bad_samples=args.skip_bad_samples, loader=args.loader, data_mode=args.data_mode,
-                  max_train_samples=args.max_train_samples, out=args.out, **base)
+                  ahead=args.ahead, max_train_samples=args.max_train_samples, out=args.out, **base)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

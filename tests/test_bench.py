@@ -127,6 +127,61 @@ def test_bad_background_fails_its_samples_in_gpu_mode(tmp_path):
     assert len(dev.skipped) == 4 and all("bg002.jpeg" in message for _, message in dev.skipped)
 
 
+# ---------------------------------------------------------------- batches prepared ahead in a background thread
+
+
+def _prep_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "modest-device-batches"]
+
+
+@pytest.mark.parametrize("mode", ["cpu", "gpu"])
+def test_batches_prepared_ahead_are_the_inline_batches(tiny_modest, mode):
+    """Same batches, same augmentation draws, in the same order, whether a background thread prepares them or not."""
+    train = ModestDataset(tiny_modest).subset("all", augment=True)
+
+    def run(ahead: int) -> list[dict]:
+        torch.manual_seed(3)
+        loader = make_loader(train, batch_size=5, shuffle=True, num_workers=2, device="cpu", data_mode=mode, ahead=ahead)
+        assert loader.ahead == ahead
+        return list(loader)
+
+    inline = run(0)
+    _assert_same(run(2), inline)
+    _assert_same(run(1), inline)
+    assert sum(len(b["name"]) for b in inline) == len(train)
+    assert make_loader(train, batch_size=5, shuffle=False, num_workers=0, device="cpu").ahead == 0  # the CPU default
+    assert not _prep_threads()
+
+
+def test_batches_prepared_ahead_stop_early_and_raise_errors(tmp_path):
+    root = _corrupt(tmp_path, "bg_fg/bg002_fg001_01.jpeg")
+    dataset = ModestDataset(root)
+    loader = make_loader(dataset, batch_size=2, shuffle=False, num_workers=2, device="cpu", data_mode="gpu", ahead=2)
+    it = iter(loader)
+    assert next(it)["name"] == ["bg001_fg001_01", "bg001_fg001_02"]
+    it.close()  # leaving early: the thread stops and is joined
+    assert not _prep_threads()
+    with pytest.raises(DataError, match="bg002_fg001_01.jpeg"):
+        list(loader)
+    assert not _prep_threads()
+    loader.skip_bad_samples = True
+    names = [n for b in loader for n in b["name"]]
+    assert len(names) == len(dataset) - 1 and [name for name, _ in loader.skipped] == ["bg002_fg001_01"]
+
+    class Broken:  # an error inside the loader itself reaches the consumer as it is
+        def __iter__(self):
+            raise ValueError("boom")
+            yield
+
+    with pytest.raises(ValueError, match="boom"):
+        list(DeviceLoader(Broken(), "cpu", ahead=1))
+    with pytest.raises(UserError, match="ahead"):
+        DeviceLoader([], "cpu", ahead=-1)
+    assert not _prep_threads()
+
+
 # ---------------------------------------------------------------- GPU mode, run on the CPU
 
 

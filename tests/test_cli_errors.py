@@ -181,7 +181,9 @@ def test_grayscale_background_is_not_an_error(copy, tmp_path):
     (["--loss", "hinge"], r"--loss 'hinge' does not fit masknet"),
     (["--lr", "-0.1"], r"--lr must be a positive number"),
     (["--workers", "-2"], r"--workers must be 0 or more"),
-], ids=["negative_epochs", "depthnet_size", "batch_size_0", "unknown_model", "unknown_loss", "negative_lr", "workers"])
+    (["--ahead", "-1"], r"--ahead must be 0 or more, not -1"),
+], ids=["negative_epochs", "depthnet_size", "batch_size_0", "unknown_model", "unknown_loss", "negative_lr", "workers",
+        "ahead"])
 def test_nonsense_arguments_are_named(dataset, tmp_path, args, pattern):
     _assert_error(_train(dataset, tmp_path / "run", *args), pattern)
     assert not (tmp_path / "run").exists()  # refused before anything was written

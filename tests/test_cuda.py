@@ -44,3 +44,28 @@ def test_fit_on_cuda_writes_a_resumable_run(tiny_modest, tmp_path):
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 2
     assert all(v.device.type == "cpu" for v in state["model"].values())  # loadable on a CPU-only machine
+
+
+def test_batches_prepared_ahead_on_a_side_stream_equal_the_inline_ones(tiny_modest):
+    """GPU mode on CUDA (nvJPEG decode where the card has it, flip + jitter on the device), prepared by the
+    background thread on its own stream: the same numbers as preparing each batch between steps."""
+    from lib.data import ModestDataset, make_loader
+
+    train = ModestDataset(tiny_modest, image_size=64).subset("all", augment=True)
+
+    def run(ahead: int) -> list[dict]:
+        torch.manual_seed(5)
+        loader = make_loader(train, batch_size=4, shuffle=True, num_workers=2, device="cuda", ahead=ahead)
+        assert loader.data_mode == "gpu" and loader.ahead == ahead
+        out = []
+        for batch in loader:
+            torch.cuda._sleep(1_000_000)  # keep the consumer's stream busy while the thread prepares the next batch
+            out.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        return out
+
+    inline, ahead = run(0), run(2)
+    assert [b["name"] for b in ahead] == [b["name"] for b in inline]
+    for a, b in zip(ahead, inline):
+        for key in ("bg", "bg_fg", "mask", "depth"):
+            assert a[key].is_cuda and torch.equal(a[key], b[key]), key
+    assert make_loader(train, batch_size=4, shuffle=False, num_workers=2, device="cuda").ahead == 2  # the CUDA default

@@ -224,3 +224,20 @@ def test_synthetic_data_is_rendered_at_the_run_size(tmp_path, monkeypatch):
         assert root.name == f"synthetic-{expect}px-2x1x2-seed0"
         bg = simplejpeg.decode_jpeg((root / "bg" / "bg001.jpeg").read_bytes())
         assert bg.shape == (expect, expect, 3)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 7, 210])
+def test_onecycle_schedule_works_for_any_number_of_steps(steps):
+    """OneCycleLR divides by zero when its warm-up ends exactly at the first step (0.2 x 5 steps); we plan around it."""
+    from lib.train import make_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = make_scheduler(Config(scheduler="onecycle", epochs=1, lr=0.1), optimizer, steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        sched.step()
+    assert sched.per_step and max(lrs) <= 0.1 + 1e-12
+    if steps >= 5:
+        assert max(lrs) > 0.05 and lrs[0] < max(lrs) and lrs[-1] < 0.01  # warms up, peaks near lr, anneals
