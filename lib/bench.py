@@ -246,7 +246,8 @@ def measure_step(model_name: str, size: int, batch: int, device: torch.device, *
 
 
 def measure_ours_end_to_end(dataset: ModestDataset, model_name: str, samples: int, batch: int, workers: int,
-                            device: torch.device, compile_model: bool, ahead: int | None = None) -> dict:
+                            device: torch.device, compile_model: bool, ahead: int | None = None,
+                            data_mode: str = "auto", decode: str = "auto") -> dict:
     """`train_one_epoch` over `samples` training samples with the default loader (or `ahead` batches prepared in
     the background) and the training recipe."""
     from .train import EpochSampler, train_one_epoch
@@ -258,7 +259,7 @@ def measure_ours_end_to_end(dataset: ModestDataset, model_name: str, samples: in
     def run(limit: int) -> dict:
         sampler = EpochSampler(len(train_set), 1, limit)
         loader = make_loader(train_set, batch_size=batch, shuffle=False, sampler=sampler, num_workers=workers,
-                             device=device, drop_last=True, ahead=ahead)
+                             device=device, drop_last=True, ahead=ahead, data_mode=data_mode, decode=decode)
         result = train_one_epoch(train_model, loader, loss_fn, optimizer, device, amp_dtype=amp_dtype,
                                  channels_last=channels_last, log_every=50)
         result["loader"] = type(loader.loader).__name__
