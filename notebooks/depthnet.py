@@ -20,7 +20,7 @@
 # - **What:** trains DepthNet (7.1M parameters) to predict, from a museum room `bg` and the same room with a person
 #   pasted in `bg_fg`, the person's `mask` and the scene's `depth` map; then shows curves, predictions and a browser.
 # - **How long:** on MODEST at 224 px, about 20 minutes per epoch on a Colab T4 (4 hours for 12; an estimate from
-#   3.9 min per epoch measured on an H200), plus ~5 minutes to download.
+#   3.8 min per epoch measured on an H200), plus ~5 minutes to download.
 # - **Quick run:** set `DATA = "synthetic"`, `IMAGE_SIZE = 64`, `EPOCHS = 2`, `OPTIMIZER = "adamw"`, `LR = 2e-3` below
 #   (under 10 minutes even on a 2-core CPU), or keep MODEST and set `MAX_TRAIN_SAMPLES = 20_000`.
 

@@ -136,14 +136,16 @@ def _prep_threads() -> list:
     return [t for t in threading.enumerate() if t.name == "modest-device-batches"]
 
 
+@pytest.mark.parametrize("kind", ["threads", "processes"])
 @pytest.mark.parametrize("mode", ["cpu", "gpu"])
-def test_batches_prepared_ahead_are_the_inline_batches(tiny_modest, mode):
+def test_batches_prepared_ahead_are_the_inline_batches(tiny_modest, mode, kind):
     """Same batches, same augmentation draws, in the same order, whether a background thread prepares them or not."""
     train = ModestDataset(tiny_modest).subset("all", augment=True)
 
     def run(ahead: int) -> list[dict]:
         torch.manual_seed(3)
-        loader = make_loader(train, batch_size=5, shuffle=True, num_workers=2, device="cpu", data_mode=mode, ahead=ahead)
+        loader = make_loader(train, batch_size=5, shuffle=True, num_workers=2, device="cpu", data_mode=mode, ahead=ahead,
+                             loader=kind)
         assert loader.ahead == ahead
         return list(loader)
 
