@@ -643,13 +643,14 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     report["end_to_end"] = e2e
     log("")
     log(f"end to end ({args.models[0]}, train_one_epoch, batch {e2e_batch}, {e2e_samples} samples)")
+    width = max((len(name) for name in e2e), default=0)
     for name, r in e2e.items():
         if "error" in r:
-            log(f"  {name:<6} n/a ({r['error']})")
+            log(f"  {name:<{width}} n/a ({r['error']})")
         else:
             how = f"{r['precision']}, {r['loader']}" + (f", {r['data_mode']} mode" if "data_mode" in r else "")
             how += f", {r['ahead']} batches prepared ahead" if r.get("ahead") else ""
-            log(f"  {name:<6} {r['samples_per_s']:>9.1f} samples/s -> one epoch of {EPOCH_SAMPLES:,} samples: "
+            log(f"  {name:<{width}} {r['samples_per_s']:>9.1f} samples/s -> one epoch of {EPOCH_SAMPLES:,} samples: "
                 f"{r['epoch_280k_min']:.1f} min  ({how})")
     if "samples_per_s" in e2e.get("seed", {}) and "samples_per_s" in e2e.get("ours", {}):
         report["end_to_end_speedup_vs_seed"] = round(e2e["ours"]["samples_per_s"] / e2e["seed"]["samples_per_s"], 1)

@@ -14,6 +14,8 @@ Two places to do the per-sample work (`make_loader(data_mode=...)`): "cpu" decod
 per-sample images (or their JPEG bytes, decoded in one batched call by the GPU's JPEG decoder on
 A100/H100-class cards) and a background index, while the backgrounds stay decoded on the device and the
 flip and the photometric jitter run as batched tensor operations there.
+On CUDA a background thread makes the next batches ready on the device, on its own stream
+(`make_loader(ahead=...)`), so the training thread only queues the model's work.
 """
 from __future__ import annotations
 
@@ -636,13 +638,16 @@ class DeviceLoader:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
         batches = self._prepared_ahead() if self.ahead else (self.prepare(batch) for batch in self.loader)
-        for batch in batches:
-            if batch["errors"]:
-                if not self.skip_bad_samples:
-                    raise DataError(batch["errors"][0][1] + " (use --skip-bad-samples to leave bad samples out)")
-                self.skipped.extend(batch["errors"])
-            if batch["name"]:
-                yield batch["ready"]
+        try:
+            for batch in batches:
+                if batch["errors"]:
+                    if not self.skip_bad_samples:
+                        raise DataError(batch["errors"][0][1] + " (use --skip-bad-samples to leave bad samples out)")
+                    self.skipped.extend(batch["errors"])
+                if batch["name"]:
+                    yield batch["ready"]
+        finally:  # on an error or an early stop too: the background thread, if any, is stopped and joined here
+            batches.close()
 
     def prepare(self, batch: dict) -> dict:
         """A loader batch made ready for the step: decoded (GPU mode's JPEG bytes), on the device, augmented and

@@ -165,9 +165,9 @@ def test_batches_prepared_ahead_stop_early_and_raise_errors(tmp_path):
     assert next(it)["name"] == ["bg001_fg001_01", "bg001_fg001_02"]
     it.close()  # leaving early: the thread stops and is joined
     assert not _prep_threads()
-    with pytest.raises(DataError, match="bg002_fg001_01.jpeg"):
+    with pytest.raises(DataError, match="bg002_fg001_01.jpeg") as raised:
         list(loader)
-    assert not _prep_threads()
+    assert raised.tb is not None and not _prep_threads()  # stopped at once, not when the traceback is dropped
     loader.skip_bad_samples = True
     names = [n for b in loader for n in b["name"]]
     assert len(names) == len(dataset) - 1 and [name for name, _ in loader.skipped] == ["bg002_fg001_01"]
