@@ -1,4 +1,9 @@
-"""Mask IoU/Dice and depth RMSE/MAE/AbsRel/delta1/SSIM: per-batch sums added up on the device, reduced once."""
+"""Mask IoU/Dice and depth RMSE/MAE/AbsRel/delta1/SSIM: per-batch sums added up on the device, reduced once.
+
+Depth also gets RMSE and delta1 after one least-squares scale per image (`depth_rmse_scaled`,
+`depth_delta1_scaled`): how right the depth's shape is when the room's absolute size, which a single
+photo only hints at, is set aside.
+"""
 from __future__ import annotations
 
 import math
@@ -20,6 +25,7 @@ __all__ = [
     "depth_mae",
     "depth_absrel",
     "depth_delta1",
+    "scale_to_truth",
     "depth_ssim_per_image",
     "classical_mask_baseline",
     "Metrics",
@@ -142,6 +148,18 @@ def depth_delta1(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return sums[5] / sums[4]
 
 
+def scale_to_truth(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """preds (B, 1, H, W) clamped to [0, 1], each image times the one factor s that minimises
+    sum((s p - g)^2) over its pixels with g > 0.01, clamped to [0, 1] again (an all-zero prediction stays 0)."""
+    pred = preds.detach().float().clamp(0, 1)
+    truth = target.detach().float()
+    valid = (truth > DEPTH_VALID_MIN).float()
+    num = (pred * truth * valid).flatten(1).sum(1)  # (B,)
+    den = (pred * pred * valid).flatten(1).sum(1)  # (B,)
+    factor = torch.where(den > 0, num / den.clamp_min(1e-12), torch.ones_like(den))
+    return (pred * factor.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
 def depth_ssim_per_image(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """SSIM (B,) in [-1, 1] of preds clamped to [0, 1] vs target (B, 1, H, W) in [0, 1]."""
     return ssim(preds.detach().float().clamp(0, 1), target.detach().float(), data_range=1.0)
@@ -158,7 +176,8 @@ def classical_mask_baseline(bg: torch.Tensor, bg_fg: torch.Tensor, threshold: fl
 # ---------------------------------------------------------------- accumulator
 
 MASK_FIELDS = ("samples", "iou_sum", "dice_sum", "intersection", "union")
-DEPTH_FIELDS = ("pixels", "squared_error", "absolute_error", "absrel_sum", "valid_pixels", "delta1_hits", "ssim_sum")
+DEPTH_FIELDS = ("pixels", "squared_error", "absolute_error", "absrel_sum", "valid_pixels", "delta1_hits", "ssim_sum",
+                "scaled_squared_error", "scaled_delta1_hits")
 
 
 class Metrics:
@@ -198,6 +217,7 @@ class Metrics:
             preds, depth = outputs["depth"], batch["depth"]
             parts.append(depth_sums(preds, depth, dtype=dtype))
             parts.append(depth_ssim_per_image(preds, depth).sum().to(dtype).view(1))
+            parts.append(depth_sums(scale_to_truth(preds, depth), depth, dtype=dtype)[[1, 5]])
         self.totals += torch.cat(parts)
 
     def compute(self) -> dict[str, float]:
@@ -222,5 +242,7 @@ class Metrics:
                 depth_absrel=ratio(t["absrel_sum"], t["valid_pixels"]),
                 depth_delta1=ratio(t["delta1_hits"], t["valid_pixels"]),
                 depth_ssim=ratio(t["ssim_sum"], samples),
+                depth_rmse_scaled=math.sqrt(ratio(t["scaled_squared_error"], t["pixels"])),
+                depth_delta1_scaled=ratio(t["scaled_delta1_hits"], t["valid_pixels"]),
             )
         return result

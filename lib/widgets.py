@@ -180,6 +180,8 @@ METRIC_NAMES = {
     "depth_absrel": "depth AbsRel",
     "depth_delta1": "depth delta<1.25",
     "depth_ssim": "depth SSIM",
+    "depth_rmse_scaled": "depth RMSE, one scale per image fitted",
+    "depth_delta1_scaled": "depth delta<1.25, one scale per image fitted",
     "samples_per_s": "train samples/s",
     "seconds": "train seconds",
 }

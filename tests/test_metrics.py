@@ -18,6 +18,7 @@ from lib.metrics import (
     mask_dice_per_image,
     mask_iou_per_image,
     mask_iou_total,
+    scale_to_truth,
 )
 
 BIG = 10.0  # a logit far from the 0.5 threshold
@@ -105,6 +106,34 @@ def test_delta1_boundary_is_strict():
     assert depth_delta1(preds, truth).item() == pytest.approx(0.5)
 
 
+def numpy_scaled_depth(preds, depth):
+    """Independent reference: per image, the least-squares factor over pixels with g > 0.01, then RMSE and delta1."""
+    p = np.clip(preds.numpy().astype(np.float64), 0, 1)
+    g = depth.numpy().astype(np.float64)
+    scaled = np.empty_like(p)
+    for i in range(p.shape[0]):
+        v = g[i] > 0.01
+        factor, *_ = np.linalg.lstsq(p[i][v].reshape(-1, 1), g[i][v], rcond=None)
+        scaled[i] = np.clip(p[i] * factor[0], 0, 1)
+    valid = g > 0.01
+    with np.errstate(divide="ignore"):
+        ratio = np.maximum(scaled[valid] / g[valid], g[valid] / scaled[valid])
+    return np.sqrt(((scaled - g) ** 2).mean()), (ratio < 1.25).mean()
+
+
+def test_scaled_depth_metrics_ignore_one_factor_per_image():
+    generator = torch.Generator().manual_seed(1)
+    truth = 0.05 + 0.6 * torch.rand(3, 1, 8, 8, generator=generator)
+    preds = truth * torch.tensor([0.7, 1.0, 1.4]).view(3, 1, 1, 1)  # right shape, wrong scale in images 0 and 2
+    torch.testing.assert_close(scale_to_truth(preds, truth), truth)
+    metrics = Metrics()
+    metrics.update({"mask": torch.zeros(3, 1, 8, 8), "depth": preds}, {"mask": torch.zeros(3, 1, 8, 8), "depth": truth})
+    got = metrics.compute()
+    assert got["depth_delta1"] == pytest.approx(1 / 3) and got["depth_rmse"] > 0.05  # the scale errors count here
+    assert got["depth_delta1_scaled"] == 1.0 and got["depth_rmse_scaled"] < 1e-6  # and not here
+    assert torch.equal(scale_to_truth(torch.zeros(1, 1, 2, 2), truth[:1, :, :2, :2]), torch.zeros(1, 1, 2, 2))
+
+
 # ---------------------------------------------------------------- accumulator
 
 
@@ -151,6 +180,7 @@ def test_accumulated_metrics_equal_metrics_on_the_concatenated_batch():
         "depth_delta1": depth_delta1(preds, depth).item(),
         "depth_ssim": ssim(preds.clamp(0, 1), depth).mean().item(),
     }
+    expected["depth_rmse_scaled"], expected["depth_delta1_scaled"] = numpy_scaled_depth(preds, depth)
     assert set(got) == set(expected)
     assert got["samples"] == 9
     for key, value in expected.items():
