@@ -5,6 +5,7 @@
     python -m lib.bench --device cuda --workers 2 --compile   # a Colab-like GPU run (2 loader workers)
     taskset -c 0,1 python -m lib.bench --device cuda --workers 2   # ... on a big machine: 2 cores, as on Colab
     python -m lib.bench --zip-index-test         # also: open the index of a 1.2M-member zip (cold, cached, RSS)
+    python -m lib.bench --epoch-memory-test      # also: host memory over one epoch of 280,000 samples (Linux)
 
 Data: the synthetic twin of MODEST at 224 px (20 bg x 20 fg x 10 placements, each also mirrored = 8,000 samples,
 a stored zip written once under data/, ~170 MB), or --data PATH (a MODEST folder or zip). Sections:
@@ -19,6 +20,9 @@ a stored zip written once under data/, ~170 MB), or --data PATH (a MODEST folder
   end to end  samples/s of `train_one_epoch` with our loader (the training recipe), the time one epoch of
               280,000 samples would take; on CUDA also the seed recipe (fp32, seed-style loader).
   memory      peak host RSS (this process and its largest child) and peak GPU memory.
+  epoch memory (--epoch-memory-test) host memory of the training loader (threads, then worker processes)
+              sampled through one whole epoch of a 400,000-sample synthetic MODEST zip (100 x 100 x 40 at
+              32 px, ~1.2 GB, written once under the system's temp folder): does it stay flat?
 Speeds are measurements of this run on this machine (other load on it shows in `load_average`), never targets.
 """
 from __future__ import annotations
@@ -64,6 +68,7 @@ BENCH_DATA = dict(size=224, backgrounds=20, foregrounds=20, placements=10, seed=
 MASK_MEAN, MASK_STD = 0.05207, 0.21686
 DEPTH_MEAN, DEPTH_STD = 0.2981, 0.11561
 ZIP_TEST_MEMBERS = 1_200_000
+MEMORY_TEST_DATA = dict(size=32, backgrounds=100, foregrounds=100, placements=20, seed=0)  # MODEST's 400,000 samples
 
 
 # ---------------------------------------------------------------------------------------------- the baseline
@@ -433,6 +438,80 @@ def zip_index_test(folder: Path, members: int = ZIP_TEST_MEMBERS) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------------- epoch memory
+
+
+def _memory_mb(pid: int) -> float:
+    """Proportional set size of process `pid` in MB (its private pages plus its share of pages shared with
+    others, so forked workers add up right; Linux /proc); resident size where PSS is not available; 0 if gone."""
+    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith(key):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return 0.0
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux /proc)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return kids
+
+
+def measure_epoch_memory(dataset: ModestDataset, kind: str, batch: int, workers: int, every: int = 100) -> dict:
+    """One epoch of the training loader (augmentation on, CPU device) over `dataset`; host memory (PSS) of this
+    process and of its loader processes sampled every `every` batches and at the last one. MB; `growth_mb`:
+    last sample minus the first."""
+    if not Path("/proc/self/status").exists():
+        raise UserError("the epoch memory test reads /proc (Linux only)")
+    me = os.getpid()
+    loader = make_loader(dataset, batch_size=batch, shuffle=True, num_workers=workers, device="cpu", loader=kind)
+    trace, samples, start = [], 0, time.perf_counter()
+
+    def sample() -> None:
+        kids = [_memory_mb(k) for k in _child_pids(me)]
+        trace.append({"samples": samples, "self_mb": round(_memory_mb(me)), "children_mb": round(sum(kids)),
+                      "largest_child_mb": round(max(kids, default=0.0)), "processes": 1 + len(kids)})
+
+    last = len(loader) - 1
+    for i, b in enumerate(loader):
+        samples += b["bg"].shape[0]
+        if i % every == 0 or i == last:  # the last one while the workers still run
+            sample()
+    seconds = time.perf_counter() - start
+    total = [t["self_mb"] + t["children_mb"] for t in trace]
+    return {"loader": kind, "workers": workers, "batch_size": batch, "samples": samples, "seconds": round(seconds, 1),
+            "first_mb": total[0], "peak_mb": max(total), "last_mb": total[-1], "growth_mb": total[-1] - total[0],
+            "largest_child_mb": max(t["largest_child_mb"] for t in trace), "trace": trace}
+
+
+def epoch_memory_test(folder: Path, workers: int, batch: int = 64, data: dict | None = None,
+                      kinds: Sequence[str] = ("threads", "processes"), progress: bool = False) -> dict:
+    """`measure_epoch_memory` for each loader kind on a 400,000-sample synthetic zip (MEMORY_TEST_DATA; written once)."""
+    from .synthetic import make_synthetic_dataset
+
+    d = dict(MEMORY_TEST_DATA if data is None else data)
+    name = f"bench-memory-{d['size']}px-{d['backgrounds']}x{d['foregrounds']}x{2 * d['placements']}-seed{d['seed']}.zip"
+    t = time.perf_counter()
+    path = make_synthetic_dataset(folder / name, as_zip=True, progress=progress, **d)
+    written_s = time.perf_counter() - t
+    dataset = ModestDataset(path, "all", d["size"])
+    train = dataset.subset("train", augment=True)
+    result = {"data": str(path), "zip_mb": round(path.stat().st_size / 2**20), "ready_s": round(written_s, 1),
+              "samples_in_data": len(dataset), "train_samples": len(train)}
+    for kind in kinds:
+        result[kind] = measure_epoch_memory(train, kind, batch, workers)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -685,6 +764,20 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
             for key in ("cold_no_cache", "first_open_writes_cache", "cached"):
                 r = z[key]
                 log(f"  {key:<24} {r['seconds']:>6.2f} s   +{r['index_rss_mb']} MB RSS (process {r['rss_mb']} MB)")
+    if args.epoch_memory_test:
+        folder = Path(tempfile.gettempdir())
+        _try(report, "epoch_memory", lambda: epoch_memory_test(folder, workers, progress=not args.json), "epoch_memory")
+        r = report["epoch_memory"]
+        log("")
+        if "error" in r:
+            log(f"epoch memory: n/a ({r['error']})")
+        else:
+            log(f"host memory over one epoch: {r['train_samples']:,} training samples of {r['data']} "
+                f"({r['samples_in_data']:,} samples, {r['zip_mb']} MB), CPU device, batch 64, {workers} workers")
+            for kind in ("threads", "processes"):
+                m = r[kind]
+                log(f"  {kind:<10} first {m['first_mb']} MB, peak {m['peak_mb']} MB, last {m['last_mb']} MB "
+                    f"(growth {m['growth_mb']:+d} MB; largest worker {m['largest_child_mb']} MB; {m['seconds']} s)")
     return report
 
 
@@ -703,6 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also torch.compile (minutes on CPU)")
     p.add_argument("--seed-end-to-end", action="store_true", help="also the seed recipe end to end on CPU")
     p.add_argument("--zip-index-test", action="store_true", help="also open the index of a 1.2M-member zip in /tmp")
+    p.add_argument("--epoch-memory-test", action="store_true",
+                   help="also host memory over one epoch of a 400,000-sample zip in /tmp (Linux; minutes)")
     return p
 
 

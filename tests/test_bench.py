@@ -380,6 +380,24 @@ def test_bench_runs_end_to_end_and_prints_json(tmp_path):
     assert "CPU work per sample" in out.stdout
 
 
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux /proc")
+def test_epoch_memory_test_follows_every_loader_process_through_an_epoch(tmp_path):
+    from lib.bench import epoch_memory_test
+
+    small = dict(size=32, backgrounds=4, foregrounds=3, placements=5, seed=0)  # 120 samples
+    r = epoch_memory_test(tmp_path, workers=2, batch=8, data=small)
+    assert r["samples_in_data"] == 120 and r["train_samples"] == 84 and Path(r["data"]).exists()
+    for kind, processes in (("threads", 1), ("processes", 3)):
+        m = r[kind]
+        assert m["samples"] == 84, kind  # the whole epoch, every sample once
+        assert m["trace"][-1]["samples"] == 84 and all(t["processes"] == processes for t in m["trace"]), m["trace"]
+        assert m["first_mb"] == m["trace"][0]["self_mb"] + m["trace"][0]["children_mb"] > 0
+        assert m["peak_mb"] >= max(m["first_mb"], m["last_mb"]) and m["growth_mb"] == m["last_mb"] - m["first_mb"]
+    assert r["threads"]["largest_child_mb"] == 0 < r["processes"]["largest_child_mb"]
+    again = epoch_memory_test(tmp_path, workers=1, batch=8, data=small, kinds=("threads",))
+    assert again["data"] == r["data"] and "processes" not in again  # the zip is written once
+
+
 def test_bench_rejects_bad_arguments():
     from lib.bench import main
 
