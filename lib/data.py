@@ -637,7 +637,7 @@ class DeviceLoader:
         if self.augment:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        batches = self._prepared_ahead() if self.ahead else (self.prepare(batch) for batch in self.loader)
+        batches = self._prepare_ahead() if self.ahead else (self.prepare(batch) for batch in self.loader)
         try:
             for batch in batches:
                 if batch["errors"]:
@@ -656,7 +656,7 @@ class DeviceLoader:
             batch = self.decode_batch(batch)
         return self.finish_batch(batch) if "ready" not in batch else batch
 
-    def _prepared_ahead(self) -> Iterator[dict]:
+    def _prepare_ahead(self) -> Iterator[dict]:
         """`prepare`d batches from a background thread, up to `self.ahead` ahead, in the loader's order.
 
         On CUDA the thread works on its own stream and each batch carries an event that the consumer's stream
