@@ -751,34 +751,38 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     log(f"memory: peak RSS {memory['peak_rss']['self_mb']} MB (this process), {memory['peak_rss']['largest_child_mb']} MB "
         f"(largest child)" + (f"; peak GPU {memory['peak_gpu_mb']} MB" if cuda else ""))
 
-    if args.zip_index_test:
-        folder = Path(tempfile.gettempdir())
-        _try(report, "zip_index", lambda: zip_index_test(folder), "zip_index")
-        z = report["zip_index"]
-        log("")
-        if "error" in z:
-            log(f"zip index: n/a ({z['error']})")
-        else:
-            log(f"zip index of {z['members']:,} members ({z['zip_mb']} MB zip"
-                + (f", written in {z['built_s']} s" if z["built_s"] else "") + ")")
-            for key in ("cold_no_cache", "first_open_writes_cache", "cached"):
-                r = z[key]
-                log(f"  {key:<24} {r['seconds']:>6.2f} s   +{r['index_rss_mb']} MB RSS (process {r['rss_mb']} MB)")
-    if args.epoch_memory_test:
-        folder = Path(tempfile.gettempdir())
-        _try(report, "epoch_memory", lambda: epoch_memory_test(folder, workers, progress=not args.json), "epoch_memory")
-        r = report["epoch_memory"]
-        log("")
-        if "error" in r:
-            log(f"epoch memory: n/a ({r['error']})")
-        else:
-            log(f"host memory over one epoch: {r['train_samples']:,} training samples of {r['data']} "
-                f"({r['samples_in_data']:,} samples, {r['zip_mb']} MB), CPU device, batch 64, {workers} workers")
-            for kind in ("threads", "processes"):
-                m = r[kind]
-                log(f"  {kind:<10} first {m['first_mb']} MB, peak {m['peak_mb']} MB, last {m['last_mb']} MB "
-                    f"(growth {m['growth_mb']:+d} MB; largest worker {m['largest_child_mb']} MB; {m['seconds']} s)")
+    folder = Path(tempfile.gettempdir())
+    z = _optional_section(report, "zip_index", "zip index", lambda: zip_index_test(folder), log) \
+        if args.zip_index_test else None
+    if z is not None:
+        log(f"zip index of {z['members']:,} members ({z['zip_mb']} MB zip"
+            + (f", written in {z['built_s']} s" if z["built_s"] else "") + ")")
+        for key in ("cold_no_cache", "first_open_writes_cache", "cached"):
+            r = z[key]
+            log(f"  {key:<24} {r['seconds']:>6.2f} s   +{r['index_rss_mb']} MB RSS (process {r['rss_mb']} MB)")
+    e = _optional_section(report, "epoch_memory", "epoch memory",
+                          lambda: epoch_memory_test(folder, workers, progress=not args.json), log) \
+        if args.epoch_memory_test else None
+    if e is not None:
+        kinds = [k for k in ("threads", "processes") if k in e]
+        log(f"host memory over one epoch: {e['train_samples']:,} training samples of {e['data']} "
+            f"({e['samples_in_data']:,} samples, {e['zip_mb']} MB), CPU device, batch {e[kinds[0]]['batch_size']}, "
+            f"{workers} workers")
+        for kind in kinds:
+            m = e[kind]
+            log(f"  {kind:<10} first {m['first_mb']} MB, peak {m['peak_mb']} MB, last {m['last_mb']} MB "
+                f"(growth {m['growth_mb']:+d} MB; largest worker {m['largest_child_mb']} MB; {m['seconds']} s)")
     return report
+
+
+def _optional_section(report: dict, key: str, title: str, fn: Callable[[], dict], log: Callable[[str], None]) -> dict | None:
+    """Run an optional section into report[key] after a blank line; its result, or None after logging why it failed."""
+    _try(report, key, fn, key)
+    log("")
+    if "error" in report[key]:
+        log(f"{title}: n/a ({report[key]['error']})")
+        return None
+    return report[key]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -720,7 +720,8 @@ class DeviceLoader:
             thread.join()
 
     def finish_batch(self, batch: dict) -> dict:
-        """`to_device` done ahead (in a loader thread), under batch['ready']; errors stay for `__iter__` to handle."""
+        """The batch with `to_device`'s result under batch['ready'] (run by `prepare`, or ahead in a CPU loader
+        thread); errors stay for `__iter__` to handle."""
         if batch["name"]:
             batch = {"errors": batch["errors"], "name": batch["name"], "ready": self.to_device(batch)}
         return batch
