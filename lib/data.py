@@ -223,7 +223,8 @@ def _resize_tensor(x: torch.Tensor, size: int, mask: bool = False) -> torch.Tens
 
 
 class ModestDataset(Dataset):
-    """MODEST-format samples as dicts of uint8 CHW tensors: bg (3), bg_fg (3), mask (1, 0/1), depth (1, 0..255), name."""
+    """MODEST-format samples as dicts of uint8 CHW tensors (views of the decoded HWC images): bg (3), bg_fg (3),
+    mask (1, 0/1), depth (1, 0..255), name."""
 
     def __init__(
         self,
@@ -320,8 +321,11 @@ class ModestDataset(Dataset):
         row = int(self.rows[index])
         bg, bg_shape = self._background(int(self.bg_ids[row]))
         bg_fg, mask, depth = self._load_others(row, bg_shape)
+        cached = bg
         if self.augment is not None:
             bg, bg_fg, mask, depth = apply_augment(self.augment, bg, bg_fg, mask, depth)
+        if np.may_share_memory(bg, cached):  # samples are views (`_chw`): never hand out the cache's memory
+            bg = bg.copy()
         return {
             "bg": _chw(bg),
             "bg_fg": _chw(bg_fg),
@@ -409,10 +413,28 @@ class DeviceSamples(Dataset):
 
 
 def _chw(img: np.ndarray) -> torch.Tensor:
-    """HxW or HxWxC uint8 -> contiguous CxHxW tensor."""
+    """HxW or HxWxC uint8 -> CxHxW tensor sharing the image's HWC memory (a view: nothing is transposed here;
+    `collate_samples` copies it once, straight into a channels-last batch)."""
     if img.ndim == 2:
         img = img[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)  # (C, H, W), strides (1, W*C, C)
+
+
+def stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
+    """(C, H, W) tensors of one size -> (B, C, H, W) in channels-last memory, one copy per image.
+
+    The layout the model runs in (`Config.channels_last`) and the one the HWC decoders and albumentations
+    produce: samples from `_chw` are copied as plain memory, and nobody transposes the batch afterwards.
+    Tensors of other ranks are stacked as torch.stack does."""
+    if images[0].dim() != 3:
+        return torch.stack(images)
+    c, h, w = images[0].shape
+    out = torch.empty((len(images), h, w, c), dtype=images[0].dtype)  # (B, H, W, C)
+    for i, image in enumerate(images):
+        if image.shape != (c, h, w):
+            raise UserError(f"cannot batch images of sizes {tuple(images[0].shape)} and {tuple(image.shape)}")
+        out[i].copy_(image.permute(1, 2, 0))
+    return out.permute(0, 3, 1, 2)  # (B, C, H, W) view, channels-last strides
 
 
 def make_split(bg_ids: np.ndarray, split: str, val_fraction: float, split_by: str, seed: int) -> np.ndarray:
@@ -451,7 +473,7 @@ def collate_samples(samples: list[dict]) -> dict:
     batch: dict = {"errors": [(s["name"], s["error"]) for s in samples if "error" in s]}
     batch["name"] = [s["name"] for s in good]
     for key in ("bg", "bg_fg", "mask", "depth"):
-        batch[key] = torch.stack([s[key] for s in good]) if good else None  # (B, C, H, W) uint8
+        batch[key] = stack_channels_last([s[key] for s in good]) if good else None  # (B, C, H, W) uint8, channels last
     return batch
 
 
@@ -610,9 +632,9 @@ class DeviceLoader:
         self._luts = None
         if self.device.type == "cpu" and cv2 is not None:  # uint8 -> float as one table look-up per pixel (same numbers)
             levels = torch.arange(256, dtype=torch.float32).view(1, 1, 256, 1)  # (1, 1, 256, 1)
-            self._luts = {key: ((levels - self._mean[key]) / self._std[key])[0].numpy()
-                          for key in ("bg", "bg_fg")}  # (3, 256, 1) float32 each
-            self._luts["depth"] = (levels / 255.0)[0].numpy()  # (1, 256, 1)
+            tables = {key: ((levels - self._mean[key]) / self._std[key])[0] for key in ("bg", "bg_fg")}  # (3, 256, 1)
+            tables["depth"] = (levels / 255.0)[0]  # (1, 256, 1)
+            self._luts = {key: t.permute(1, 2, 0).contiguous().numpy() for key, t in tables.items()}  # (256, 1, C)
 
     @property
     def dataset(self) -> ModestDataset:
@@ -831,15 +853,17 @@ class DeviceLoader:
         return torch.cat([_resize_tensor(t.unsqueeze(0), size, mask) for t in images])
 
 
-def _look_up(x: torch.Tensor, luts: np.ndarray) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 through one 256-entry table per channel (`luts` (C, 256, 1)), plane by plane."""
-    src = x.contiguous().numpy()
-    out = torch.empty(x.shape, dtype=torch.float32)  # (B, C, H, W)
+def _look_up(x: torch.Tensor, lut: np.ndarray) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (B, C, H, W) in channels-last memory, through one 256-entry table per channel
+    (`lut` (256, 1, C) float32), one cv2.LUT call per image. Free of copies when x is channels-last (or C is 1)."""
+    src = x.permute(0, 2, 3, 1).contiguous().numpy()  # (B, H, W, C)
+    out = torch.empty(src.shape, dtype=torch.float32)  # (B, H, W, C)
     dst = out.numpy()
+    if src.shape[-1] == 1:
+        src, dst, lut = src[..., 0], dst[..., 0], lut[:, :, 0]  # one plane: cv2 wants (H, W) and a (256, 1) table
     for i in range(src.shape[0]):
-        for c in range(src.shape[1]):
-            cv2.LUT(src[i, c], luts[c], dst=dst[i, c])
-    return out
+        cv2.LUT(src[i], lut, dst=dst[i])
+    return out.permute(0, 3, 1, 2)
 
 
 _DEVICE_DECODE_OK: dict[str, bool] = {}

@@ -11,7 +11,8 @@ import torch
 
 from conftest import write_tiny_modest, zip_folder
 from lib.augment import apply_augment, jitter_batch, make_train_augment, _hsv_to_rgb, _rgb_to_hsv
-from lib.data import BG_MEAN, BG_STD, ModestDataset, _resize_tensor, make_loaders, make_split, resize
+from lib.data import (BG_MEAN, BG_STD, STATS, ModestDataset, _resize_tensor, make_loader, make_loaders, make_split, resize,
+                      stack_channels_last)
 from lib.errors import DataError, UserError
 from lib.zipindex import ZipIndex
 
@@ -225,6 +226,35 @@ def test_loader_batches_are_normalised_floats(tiny_modest):
     expected = (raw - torch.tensor(BG_MEAN).view(3, 1, 1)) / torch.tensor(BG_STD).view(3, 1, 1)
     torch.testing.assert_close(batch["bg"][0], expected)
     assert sum(len(b["name"]) for b in train) == len(train.dataset) - len(train.dataset) % 5  # drop_last
+
+
+@pytest.mark.parametrize("loader", ["threads", "processes"])
+def test_cpu_batches_arrive_channels_last_with_the_same_numbers(tiny_modest, loader):
+    """Samples keep the decoders' HWC memory; the batch is channels-last from the first copy on, as the model runs."""
+    dataset = ModestDataset(tiny_modest, image_size=32)
+    batch = next(iter(make_loader(dataset, batch_size=9, shuffle=False, num_workers=2, device="cpu", loader=loader)))
+    for key in ("bg", "bg_fg"):
+        assert batch[key].is_contiguous(memory_format=torch.channels_last), key
+        raw = torch.stack([dataset[i][key].contiguous() for i in range(9)]).float() / 255  # (9, 3, 32, 32)
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in STATS[key])
+        torch.testing.assert_close(batch[key], (raw - mean) / std, rtol=0, atol=1e-5)
+    assert torch.equal(batch["mask"], torch.stack([dataset[i]["mask"] for i in range(9)]).float())
+
+
+def test_stack_channels_last_keeps_values_and_rejects_mixed_sizes():
+    images = [torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8) for _ in range(4)]
+    images[1] = images[1].permute(1, 2, 0).contiguous().permute(2, 0, 1)  # HWC memory, as `_chw` hands them out
+    out = stack_channels_last(images)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, torch.stack(images))
+    with pytest.raises(UserError, match=r"\(3, 5, 7\) and \(3, 5, 6\)"):
+        stack_channels_last([images[0], images[0][:, :, :6]])
+
+
+def test_samples_never_share_memory_with_the_background_cache(tiny_modest):
+    dataset = ModestDataset(tiny_modest)
+    first = dataset[0]["bg"].clone()
+    dataset[0]["bg"].zero_()  # a caller writing into its sample must not change what the next one reads
+    assert torch.equal(dataset[0]["bg"], first) and first.max() > 0
 
 
 # ---------------------------------------------------------------- augmentation
