@@ -18,7 +18,8 @@ a stored zip written once under data/, ~170 MB), or --data PATH (a MODEST folder
   model step  samples/s of one SGD step on random batches: DepthNet and MaskNet, fp32 vs AMP (CUDA), eager vs
               torch.compile (--compile), channels_last on CUDA.
   end to end  samples/s of `train_one_epoch` with our loader (the training recipe), the time one epoch of
-              280,000 samples would take; on CUDA also the seed recipe (fp32, seed-style loader).
+              280,000 samples would take; on CUDA also with each batch prepared between steps, with worker
+              processes decoding on the CPU, and the seed recipe (fp32, seed-style loader).
   memory      peak host RSS (this process and its largest child) and peak GPU memory.
   epoch memory (--epoch-memory-test) host memory of the training loader (threads, then worker processes)
               sampled through one whole epoch of a 400,000-sample synthetic MODEST zip (100 x 100 x 40 at
@@ -252,9 +253,9 @@ def measure_step(model_name: str, size: int, batch: int, device: torch.device, *
 
 def measure_ours_end_to_end(dataset: ModestDataset, model_name: str, samples: int, batch: int, workers: int,
                             device: torch.device, compile_model: bool, ahead: int | None = None,
-                            data_mode: str = "auto", decode: str = "auto") -> dict:
-    """`train_one_epoch` over `samples` training samples with the default loader (or `ahead` batches prepared in
-    the background) and the training recipe."""
+                            data_mode: str = "auto", decode: str = "auto", loader: str = "auto") -> dict:
+    """`train_one_epoch` over `samples` training samples with the default loader (or the `loader`, `data_mode`,
+    `decode` and `ahead` given) and the training recipe."""
     from .train import EpochSampler, train_one_epoch
 
     channels_last = device.type == "cuda"
@@ -263,14 +264,14 @@ def measure_ours_end_to_end(dataset: ModestDataset, model_name: str, samples: in
 
     def run(limit: int) -> dict:
         sampler = EpochSampler(len(train_set), 1, limit)
-        loader = make_loader(train_set, batch_size=batch, shuffle=False, sampler=sampler, num_workers=workers,
-                             device=device, drop_last=True, ahead=ahead, data_mode=data_mode, decode=decode)
-        result = train_one_epoch(train_model, loader, loss_fn, optimizer, device, amp_dtype=amp_dtype,
+        batches = make_loader(train_set, batch_size=batch, shuffle=False, sampler=sampler, num_workers=workers,
+                              device=device, drop_last=True, ahead=ahead, data_mode=data_mode, decode=decode, loader=loader)
+        result = train_one_epoch(train_model, batches, loss_fn, optimizer, device, amp_dtype=amp_dtype,
                                  channels_last=channels_last, log_every=50)
-        result["loader"] = type(loader.loader).__name__
-        result["data_mode"] = loader.data_mode
-        result["decode_on_device"] = loader.decode_on_device
-        result["ahead"] = loader.ahead
+        result["loader"] = type(batches.loader).__name__
+        result["data_mode"] = batches.data_mode
+        result["decode_on_device"] = batches.decode_on_device
+        result["ahead"] = batches.ahead
         return result
 
     t0 = time.perf_counter()
@@ -710,6 +711,11 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
         if cuda:  # the same with each batch prepared in the training thread, between steps
             _try(e2e, "ours, batches prepared inline", lambda: measure_ours_end_to_end(
                 dataset, args.models[0], e2e_samples, e2e_batch, workers, device, args.compile, ahead=0), "inline")
+            # and with worker processes decoding on the CPU (the fastest loader alone on the H200; the training
+            # thread then shares Python's lock with the preparing thread only)
+            _try(e2e, "ours, worker processes, CPU decode", lambda: measure_ours_end_to_end(
+                dataset, args.models[0], e2e_samples, e2e_batch, workers, device, args.compile, loader="processes",
+                decode="cpu"), "processes")
     if cuda or args.seed_end_to_end:
         def seed_e2e() -> dict:
             if "root" not in extracted:
@@ -728,6 +734,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
             log(f"  {name:<{width}} n/a ({r['error']})")
         else:
             how = f"{r['precision']}, {r['loader']}" + (f", {r['data_mode']} mode" if "data_mode" in r else "")
+            how += f", {'gpu' if r['decode_on_device'] else 'cpu'} decode" if r.get("data_mode") == "gpu" else ""
             how += f", {r['ahead']} batches prepared ahead" if r.get("ahead") else ""
             log(f"  {name:<{width}} {r['samples_per_s']:>9.1f} samples/s -> one epoch of {EPOCH_SAMPLES:,} samples: "
                 f"{r['epoch_280k_min']:.1f} min  ({how})")

@@ -14,6 +14,7 @@ import torch
 
 from conftest import write_tiny_modest
 from lib.augment import flip_batch
+from lib.bench import measure_ours_end_to_end
 from lib.data import (
     BG_FG_MEAN,
     BG_FG_STD,
@@ -378,6 +379,15 @@ def test_bench_runs_end_to_end_and_prints_json(tmp_path):
     assert stages["total_ms"] == pytest.approx(sum(stages["ms_per_sample"].values()), abs=0.01)
     assert stages["ceiling_samples_per_s"] == pytest.approx(stages["cores"] * 1e3 / stages["total_ms"], rel=0.01)
     assert "CPU work per sample" in out.stdout
+
+
+@pytest.mark.parametrize("loader, expected", [("processes", "DataLoader"), ("threads", "ThreadLoader")])
+def test_end_to_end_measures_the_loader_it_is_given(tiny_modest, loader, expected):
+    dataset = ModestDataset(tiny_modest, image_size=64)
+    r = measure_ours_end_to_end(dataset, "masknet", 8, 4, 2, torch.device("cpu"), False, data_mode="gpu",
+                                decode="cpu", loader=loader)
+    assert r["loader"] == expected and r["data_mode"] == "gpu" and r["decode_on_device"] is False
+    assert r["samples"] == 8 and r["samples_per_s"] > 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux /proc")
