@@ -20,10 +20,12 @@ __all__ = [
     "ssim",
     "ssim_loss",
     "dice_loss",
+    "lovasz_hinge_loss",
     "BCELoss",
     "RMSELoss",
     "SSIMLoss",
     "DiceLoss",
+    "LovaszHingeLoss",
     "CombinedLoss",
     "LOSSES",
     "DEFAULT_LOSS",
@@ -112,6 +114,25 @@ def dice_loss(
     return 1 - (2 * intersection + smooth) / (cardinality + smooth)
 
 
+def lovasz_hinge_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Lovasz hinge (Berman, Triki and Blaschko, CVPR 2018), per image, averaged over the batch: a convex surrogate
+    of 1 - IoU of the foreground, for logits (B, 1, H, W) and a binary target (B, 1, H, W).
+
+    Each pixel's hinge error is 1 - logit * (+1 foreground, -1 background); sorted from largest, the errors are
+    weighted by how much each one, added in turn, raises 1 - IoU. Where the errors are exactly 0 (right, margin
+    at least 1) or 1 (logit 0), the loss is 1 - IoU of the foreground with those pixels wrong.
+    All images at once: one sort of (B, H*W); an image without foreground gives its largest hinge error.
+    """
+    logits, target = logits.float().flatten(1), target.float().flatten(1)  # (B, N)
+    errors = 1.0 - logits * (2.0 * target - 1.0)
+    errors_sorted, order = torch.sort(errors, dim=1, descending=True)
+    truth = target.gather(1, order)  # (B, N), the targets in error order
+    foreground = truth.sum(1, keepdim=True)
+    jaccard = 1.0 - (foreground - truth.cumsum(1)) / (foreground + (1.0 - truth).cumsum(1))  # 1 - IoU after k errors
+    weights = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], 1)  # its increments
+    return (F.relu(errors_sorted) * weights).sum(1).mean()
+
+
 # ---------------------------------------------------------------- modules
 
 
@@ -159,12 +180,21 @@ class DiceLoss(nn.Module):
         return dice_loss(logits_or_probs, target, from_logits=self.from_logits, smooth=self.smooth)
 
 
+class LovaszHingeLoss(nn.Module):
+    """Module form of lovasz_hinge_loss: logits (B, 1, H, W) vs a binary target (B, 1, H, W) -> scalar."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Return the per-image Lovasz hinge, averaged."""
+        return lovasz_hinge_loss(logits, target)
+
+
 # ---------------------------------------------------------------- named combinations
 
 # term name -> (output/batch key it reads, factory). Mask terms read "mask", depth terms read "depth".
 TERMS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "bce": ("mask", BCELoss),
     "dice": ("mask", DiceLoss),
+    "lovasz": ("mask", LovaszHingeLoss),
     "rmse": ("depth", RMSELoss),
     "ssim": ("depth", SSIMLoss),
 }
@@ -180,6 +210,8 @@ LOSSES: dict[str, dict[str, float]] = {
     "dice_rmse": {"dice": 1.0, "rmse": 2.0},
     "bce_dice_rmse": {"bce": 1.0, "dice": 1.0, "rmse": 2.0},
     "bce_dice_rmse_ssim": {"bce": 1.0, "dice": 1.0, "rmse": 2.0, "ssim": 1.0},
+    "bce_lovasz": {"bce": 1.0, "lovasz": 1.0},
+    "bce_lovasz_rmse": {"bce": 1.0, "lovasz": 1.0, "rmse": 2.0},
 }
 
 DEFAULT_LOSS: dict[str, str] = {"masknet": "bce", "depthnet": "bce_rmse"}

@@ -13,10 +13,12 @@ from lib.losses import (
     BCELoss,
     CombinedLoss,
     DiceLoss,
+    LovaszHingeLoss,
     RMSELoss,
     SSIMLoss,
     bce_loss,
     dice_loss,
+    lovasz_hinge_loss,
     make_loss,
     rmse_loss,
     ssim,
@@ -145,12 +147,42 @@ def test_dice_matches_numpy_reference_on_random_masks():
     assert dice_loss(probs, target, from_logits=False).item() == pytest.approx(expected, rel=1e-5)
 
 
+# ---------------------------------------------------------------- Lovasz hinge
+
+
+def test_lovasz_is_one_minus_iou_where_the_hinge_errors_are_zero_or_one():
+    """Logits +-1 on pixels predicted right (error 0), 0 on the wrong ones (error 1): the loss is then exactly 1 - IoU
+    of the foreground predicted with those pixels flipped, computed here with numpy, image by image."""
+    rng = np.random.default_rng(4)
+    truth = rng.random((5, 1, 12, 10)) < 0.3
+    wrong = rng.random((5, 1, 12, 10)) < 0.2
+    truth[3], wrong[4] = False, False  # an image without foreground; one predicted perfectly
+    wrong[3, 0, 0, 0] = True  # the empty image gets one false positive (else 1 - IoU is 0 / 0)
+    logits = np.where(wrong, 0.0, np.where(truth, 1.0, -1.0))
+    predicted = truth ^ wrong
+    expected = np.mean([1 - (p & t).sum() / (p | t).sum() for p, t in zip(predicted, truth)])
+    got = lovasz_hinge_loss(torch.tensor(logits), torch.tensor(truth, dtype=torch.float32))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_lovasz_perfect_worst_and_its_gradient_points_the_right_way():
+    target = torch.cat([half_mask()] * 2)  # (2, 1, 2, 4)
+    sign = 2 * target - 1
+    assert lovasz_hinge_loss(3 * sign, target).item() == 0.0  # right with a margin above 1
+    assert lovasz_hinge_loss(torch.zeros_like(target), target).item() == pytest.approx(1.0)  # every error 1: IoU 0
+    assert lovasz_hinge_loss(-sign, target).item() == pytest.approx(2.0)  # every pixel wrong by a margin of 1
+    logits = torch.zeros_like(target, requires_grad=True)
+    lovasz_hinge_loss(logits, target).backward()
+    assert (logits.grad * sign <= 0).all() and (logits.grad * sign < 0).any()  # raise foreground, lower background
+
+
 def test_modules_equal_functions():
     logits, target = torch.randn(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
     assert BCELoss()(logits, target) == bce_loss(logits, target)
     assert DiceLoss()(logits, target) == dice_loss(logits, target)
     assert RMSELoss()(logits, target) == rmse_loss(logits, target)
     assert SSIMLoss()(logits, target) == ssim_loss(logits, target)
+    assert LovaszHingeLoss()(logits, target > 0.5) == lovasz_hinge_loss(logits, target > 0.5)
 
 
 # ---------------------------------------------------------------- named combinations
@@ -192,7 +224,7 @@ def test_required_names_and_defaults():
     required = {"bce", "dice", "bce_dice", "bce_rmse", "bce_ssim", "bce_rmse_ssim", "dice_rmse", "bce_dice_rmse_ssim"}
     assert required <= set(LOSSES)
     assert DEFAULT_LOSS == {"masknet": "bce", "depthnet": "bce_rmse"}
-    assert valid_losses("masknet") == ["bce", "dice", "bce_dice"]
+    assert valid_losses("masknet") == ["bce", "dice", "bce_dice", "bce_lovasz"]
     for model_name, name in DEFAULT_LOSS.items():
         make_loss(name, model_name)
 

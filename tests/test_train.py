@@ -203,7 +203,7 @@ def test_command_line_recipes():
         return config_from_args(build_parser().parse_args(list(argv)))
 
     demo = cfg()
-    assert {k: getattr(demo, k) for k in DEMO} == DEMO and demo.loss == "bce_dice_rmse"
+    assert {k: getattr(demo, k) for k in DEMO} == DEMO and demo.loss == "bce_lovasz_rmse"
     original = cfg("--data", "some/folder")
     assert (original.optimizer, original.lr, original.weight_decay, original.epochs) == ("sgd", 0.1, 1e-8, 12)
     assert cfg("--data", "some/folder", "--weight-decay", "1e-4").weight_decay == 1e-4
