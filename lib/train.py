@@ -692,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default=None, help="sgd (the original recipe) or adamw")
     p.add_argument("--scheduler", default=None, help="none, onecycle or cosine")
     p.add_argument("--weight-decay", type=float, default=None, help="default 1e-8 (SGD); 1e-4 for the synthetic demo")
-    p.add_argument("--loss", default=None, help="default bce (masknet) / bce_rmse (depthnet)")
+    p.add_argument("--loss", default=None,
+                   help="default bce (masknet) / bce_rmse (depthnet); for the synthetic demo bce_lovasz / bce_lovasz_rmse")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: one per core, at most 8)")
     p.add_argument("--split-by", default="sample", help="sample (the original 70/30) or background (unseen rooms)")
     p.add_argument("--max-train-samples", type=int, default=None, help="cap the samples per epoch")
