@@ -432,7 +432,8 @@ def stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
     out = torch.empty((len(images), h, w, c), dtype=images[0].dtype)  # (B, H, W, C)
     for i, image in enumerate(images):
         if image.shape != (c, h, w):
-            raise UserError(f"cannot batch images of sizes {tuple(images[0].shape)} and {tuple(image.shape)}")
+            raise UserError(f"cannot batch images of sizes {tuple(images[0].shape)} and {tuple(image.shape)}; "
+                            "set image_size (--image-size) to bring them to one size")
         out[i].copy_(image.permute(1, 2, 0))
     return out.permute(0, 3, 1, 2)  # (B, C, H, W) view, channels-last strides
 
