@@ -11,8 +11,8 @@ import torch
 
 from conftest import write_tiny_modest, zip_folder
 from lib.augment import apply_augment, jitter_batch, make_train_augment, _hsv_to_rgb, _rgb_to_hsv
-from lib.data import (BG_MEAN, BG_STD, STATS, ModestDataset, _resize_tensor, make_loader, make_loaders, make_split, resize,
-                      stack_channels_last)
+from lib.data import (BG_MEAN, BG_STD, ModestDataset, _resize_tensor, make_loader, make_loaders, make_split, normalize,
+                      resize, stack_channels_last)
 from lib.errors import DataError, UserError
 from lib.zipindex import ZipIndex
 
@@ -235,9 +235,8 @@ def test_cpu_batches_arrive_channels_last_with_the_same_numbers(tiny_modest, loa
     batch = next(iter(make_loader(dataset, batch_size=9, shuffle=False, num_workers=2, device="cpu", loader=loader)))
     for key in ("bg", "bg_fg"):
         assert batch[key].is_contiguous(memory_format=torch.channels_last), key
-        raw = torch.stack([dataset[i][key].contiguous() for i in range(9)]).float() / 255  # (9, 3, 32, 32)
-        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in STATS[key])
-        torch.testing.assert_close(batch[key], (raw - mean) / std, rtol=0, atol=1e-5)
+        raw = torch.stack([dataset[i][key] for i in range(9)])  # (9, 3, 32, 32) uint8
+        torch.testing.assert_close(batch[key], normalize(raw, key), rtol=0, atol=1e-5)
     assert torch.equal(batch["mask"], torch.stack([dataset[i]["mask"] for i in range(9)]).float())
 
 
