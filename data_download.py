@@ -12,12 +12,13 @@ If Google Drive refuses ("too many users"), copy the file into your own Drive an
 `build` makes a MODEST-format dataset from your own photos and cut-outs (see lib/build.py for the recipe).
 Add --debug to any command to see the full traceback of an error.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from lib.download import QUICK_SAMPLE, REGISTRY, URL_ENV, count_samples, extract_zip, get_modest, verify_path
 from lib.errors import run_cli
@@ -31,25 +32,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     syn = sub.add_parser("synthetic", parents=[common], help="make the procedural MODEST-format dataset (no download)")
-    syn.add_argument("--out", required=True, help="folder to write (with --zip: the zip file; .zip is added if missing)")
+    syn.add_argument(
+        "--out", required=True, help="folder to write (with --zip: the zip file; .zip is added if missing)"
+    )
     syn.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
     syn.add_argument("--backgrounds", type=int, default=100, help="number of backgrounds (default 100)")
     syn.add_argument("--foregrounds", type=int, default=100, help="number of foregrounds (default 100)")
-    syn.add_argument("--placements", type=int, default=20,
-                     help="placements per bg/fg pair, doubled by flipping the fg (default 20 -> 40 samples a pair)")
+    syn.add_argument(
+        "--placements",
+        type=int,
+        default=20,
+        help="placements per bg/fg pair, doubled by flipping the fg (default 20 -> 40 samples a pair)",
+    )
     syn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     syn.add_argument("--zip", action="store_true", help="write one zip instead of a folder")
     syn.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
     entry = REGISTRY["modest"]
-    mod = sub.add_parser("modest", parents=[common], help=f"download and verify the MODEST zip (~6.6 GB, {entry['samples']:,} samples)")
+    mod = sub.add_parser(
+        "modest", parents=[common], help=f"download and verify the MODEST zip (~6.6 GB, {entry['samples']:,} samples)"
+    )
     mod.add_argument("--out", default="data", help="folder for the zip (default data/)")
-    mod.add_argument("--from", dest="from_path", metavar="PATH",
-                     help="take the zip from PATH (e.g. a mounted Google Drive) instead of downloading; copied into --out")
+    mod.add_argument(
+        "--from",
+        dest="from_path",
+        metavar="PATH",
+        help="take the zip from PATH (e.g. a mounted Google Drive) instead of downloading; copied into --out",
+    )
     mod.add_argument("--in-place", action="store_true", help="with --from: verify and use the zip where it is, no copy")
     mod.add_argument("--extract", action="store_true", help="also extract it into --out (atomically; the zip stays)")
     mod.add_argument("--quick", action="store_true", help=f"check the CRC of {QUICK_SAMPLE} random members, not all")
-    mod.add_argument("--retries", type=int, default=3, help="reconnects within one run (default 3); a re-run resumes too")
+    mod.add_argument(
+        "--retries", type=int, default=3, help="reconnects within one run (default 3); a re-run resumes too"
+    )
     mod.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server between bytes")
     mod.epilog = f"Source: the Google Drive id in lib/download.py REGISTRY; ${URL_ENV} overrides it with any URL."
 
@@ -57,16 +72,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ver.add_argument("path", help="a .zip or a dataset folder")
     ver.add_argument("--quick", action="store_true", help=f"check {QUICK_SAMPLE} random members/files, not all")
 
-    bld = sub.add_parser("build", parents=[common], help="make a MODEST-format dataset from your own backgrounds and cut-outs")
-    bld.add_argument("--backgrounds", required=True, help="folder of background photos (centre-cropped, resized to --size)")
+    bld = sub.add_parser(
+        "build", parents=[common], help="make a MODEST-format dataset from your own backgrounds and cut-outs"
+    )
+    bld.add_argument(
+        "--backgrounds", required=True, help="folder of background photos (centre-cropped, resized to --size)"
+    )
     bld.add_argument("--foregrounds", required=True, help="folder of cut-outs with transparency (PNG with alpha)")
     bld.add_argument("--out", required=True, help="dataset folder to write (must not exist, or be empty)")
     bld.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
-    bld.add_argument("--placements", type=int, default=20,
-                     help="random positions per bg/fg pair, doubled by flipping the cut-out (default 20 -> 40 samples a pair)")
-    bld.add_argument("--depth-model", default=None,
-                     help="a DepthNet checkpoint (runs/x/best.pt) or a torch.hub entry such as intel-isl/MiDaS:MiDaS_small "
-                          "(needs internet); without it depth maps are a flat placeholder")
+    bld.add_argument(
+        "--placements",
+        type=int,
+        default=20,
+        help="random positions per bg/fg pair, doubled by flipping the cut-out (default 20 -> 40 samples a pair)",
+    )
+    bld.add_argument(
+        "--depth-model",
+        default=None,
+        help="a DepthNet checkpoint (runs/x/best.pt) or a torch.hub entry such as intel-isl/MiDaS:MiDaS_small "
+        "(needs internet); without it depth maps are a flat placeholder",
+    )
     bld.add_argument("--seed", type=int, default=0, help="random seed for the positions (default 0)")
     return parser.parse_args(argv)
 
@@ -79,14 +105,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lib.synthetic import make_synthetic_dataset  # only this command needs it
 
         path = make_synthetic_dataset(
-            Path(args.out), size=args.size, backgrounds=args.backgrounds, foregrounds=args.foregrounds,
-            placements=args.placements, seed=args.seed, as_zip=args.zip, workers=args.workers, progress=progress,
+            Path(args.out),
+            size=args.size,
+            backgrounds=args.backgrounds,
+            foregrounds=args.foregrounds,
+            placements=args.placements,
+            seed=args.seed,
+            as_zip=args.zip,
+            workers=args.workers,
+            progress=progress,
         )
         print(f"wrote {count_samples(path):,} samples to {path}")
     elif args.command == "modest":
         got = get_modest(
-            args.out, from_path=args.from_path, in_place=args.in_place, quick=args.quick,
-            retries=args.retries, timeout=args.timeout, progress=progress,
+            args.out,
+            from_path=args.from_path,
+            in_place=args.in_place,
+            quick=args.quick,
+            retries=args.retries,
+            timeout=args.timeout,
+            progress=progress,
         )
         if got.report is None:
             print(f"already verified: {got.path} (stamp {got.stamp}); nothing to do")
@@ -100,8 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "build":
         from lib.build import build_dataset, describe  # only this command needs it
 
-        path = build_dataset(args.backgrounds, args.foregrounds, args.out, size=args.size, placements=args.placements,
-                             depth_model=args.depth_model, seed=args.seed, progress=progress)
+        path = build_dataset(
+            args.backgrounds,
+            args.foregrounds,
+            args.out,
+            size=args.size,
+            placements=args.placements,
+            depth_model=args.depth_model,
+            seed=args.seed,
+            progress=progress,
+        )
         print(describe(path))
     elif args.command == "verify":
         report, stamp = verify_path(args.path, quick=args.quick, progress=progress)

@@ -1,17 +1,18 @@
 """Regenerate the figures in images/ from the default synthetic dataset and a finished demo run; trains nothing.
 
-    python -m lib.train            # once, first: the CPU demo run, written to runs/demo
-    python make_figures.py         # images/dataset_grid.png, curves.png, predictions.png, widget.png
-    python make_figures.py --run runs/demo --out images/
+python -m lib.train            # once, first: the CPU demo run, written to runs/demo
+python make_figures.py         # images/dataset_grid.png, curves.png, predictions.png, widget.png
+python make_figures.py --run runs/demo --out images/
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -47,21 +48,36 @@ def make_run_figures(run: Path, out: Path) -> list[Path]:
     history = json.loads((run / "history.json").read_text())
     model, checkpoint = load_model(run / "best.pt")
     cfg = checkpoint["config"]
-    dataset = ModestDataset(resolve_data(cfg["data"], progress=False, size=cfg["image_size"]), "val", cfg["image_size"],
-                            val_fraction=cfg["val_fraction"], split_by=cfg["split_by"], seed=cfg["seed"])
+    dataset = ModestDataset(
+        resolve_data(cfg["data"], progress=False, size=cfg["image_size"]),
+        "val",
+        cfg["image_size"],
+        val_fraction=cfg["val_fraction"],
+        split_by=cfg["split_by"],
+        seed=cfg["seed"],
+    )
     samples = pick_samples(dataset, PREDICTION_SAMPLES)
-    written = [save_figure(plot_curves(history), out / "curves.png"),
-               save_figure(plot_predictions(*predict_samples(model, samples)), out / "predictions.png")]
+    written = [
+        save_figure(plot_curves(history), out / "curves.png"),
+        save_figure(plot_predictions(*predict_samples(model, samples)), out / "predictions.png"),
+    ]
     browser = make_browser(model, dataset)
-    browser.index.value, browser.overlay.value, browser.error_map.value = min(WIDGET_SAMPLE, len(dataset) - 1), True, True
+    browser.index.value, browser.overlay.value, browser.error_map.value = (
+        min(WIDGET_SAMPLE, len(dataset) - 1),
+        True,
+        True,
+    )
     written.append(save_figure(browser.make_figure(), out / "widget.png"))
     return written
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments."""
-    p = argparse.ArgumentParser(prog="python make_figures.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python make_figures.py",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--run", default="runs/demo", help="a finished run folder (history.json, best.pt)")
     p.add_argument("--out", default="images", help="where the PNGs go")
     p.add_argument("--data", default="synthetic", help="dataset shown in dataset_grid.png: synthetic, modest or a path")
@@ -74,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run, out = Path(args.run), Path(args.out)
     missing = [name for name in ("history.json", "best.pt") if not (run / name).is_file()]
     if missing:
-        print(f"{run}: no finished run ({' and '.join(missing)} missing); run `python -m lib.train` first", file=sys.stderr)
+        print(
+            f"{run}: no finished run ({' and '.join(missing)} missing); run `python -m lib.train` first",
+            file=sys.stderr,
+        )
         return 1
     out.mkdir(parents=True, exist_ok=True)
     written = [make_dataset_grid(args.data, out), *make_run_figures(run, out)]

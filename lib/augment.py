@@ -5,6 +5,7 @@ photometric change (the original drew independent parameters for each and blurre
 The CPU path is albumentations with `additional_targets`; `jitter_batch` is the same recipe as a
 batched tensor operation for the GPU, applied after collation.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,8 +33,10 @@ class MissingAlbumentations:
         """Nothing to seed."""
 
     def __call__(self, **images):
-        raise UserError("augmentation on the CPU needs albumentations (pip install albumentations); "
-                        "or augment on the device (data_mode='gpu'), or turn augmentation off")
+        raise UserError(
+            "augmentation on the CPU needs albumentations (pip install albumentations); "
+            "or augment on the device (data_mode='gpu'), or turn augmentation off"
+        )
 
 
 def make_train_augment(p_flip: float = 0.5, p_color: float = 0.5, seed: int | None = None) -> A.Compose:
@@ -104,7 +107,9 @@ def jitter_batch(bg: torch.Tensor, bg_fg: torch.Tensor, p: float = 0.5, generato
     return out[:batch], out[batch:]
 
 
-def flip_batch(images: list[torch.Tensor], p: float = 0.5, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def flip_batch(
+    images: list[torch.Tensor], p: float = 0.5, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
     """Flip (B, C, H, W) tensors left-right, the same samples in every tensor (one draw per sample, probability `p`).
 
     The GPU path's HorizontalFlip: bg, bg_fg, mask and depth of a sample stay aligned. Draws on the

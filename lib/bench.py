@@ -26,6 +26,7 @@ a stored zip written once under data/, ~170 MB), or --data PATH (a MODEST folder
               32 px, ~1.2 GB, written once under the system's temp folder): does it stay flat?
 Speeds are measurements of this run on this machine (other load on it shows in `load_average`), never targets.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,8 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -113,7 +114,9 @@ class SeedStyleDataset(Dataset):
         }
 
 
-def extract_for_baseline(dataset: ModestDataset, rows: np.ndarray, out: Path) -> tuple[Path, list[tuple[str, str, str, str]]]:
+def extract_for_baseline(
+    dataset: ModestDataset, rows: np.ndarray, out: Path
+) -> tuple[Path, list[tuple[str, str, str, str]]]:
     """The files of `rows` as the original read them: extracted into `out` (once), listed as (bg, bg_fg, mask, depth)."""
     source = dataset.source
     members = np.concatenate([dataset.bg_members[dataset.bg_ids[rows]][:, None], dataset.sample_members[rows]], 1)
@@ -195,15 +198,18 @@ def _random_batch(batch: int, size: int, device: torch.device) -> dict:
     }
 
 
-def _make_step(model, loss_fn, optimizer, device, amp_dtype, channels_last: bool, sync_loss: bool = False) -> Callable[[dict], None]:
+def _make_step(
+    model, loss_fn, optimizer, device, amp_dtype, channels_last: bool, sync_loss: bool = False
+) -> Callable[[dict], None]:
     """One SGD step on a batch of float tensors already on the device (fp16 gets a GradScaler)."""
     from .train import train_step
 
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     def step(batch: dict) -> None:
-        loss, _ = train_step(model, batch, loss_fn, optimizer, device, scaler=scaler, amp_dtype=amp_dtype,
-                             channels_last=channels_last)
+        loss, _ = train_step(
+            model, batch, loss_fn, optimizer, device, scaler=scaler, amp_dtype=amp_dtype, channels_last=channels_last
+        )
         if sync_loss:
             loss.item()  # the original logged the loss every batch: one host sync per step
 
@@ -216,7 +222,9 @@ def _make_training(model_name: str, device: torch.device, amp: bool, channels_la
     from .train import autocast_dtype
 
     torch.manual_seed(0)
-    model = make_model(model_name).to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = make_model(model_name).to(
+        device, memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-8)
     loss_fn = make_loss(DEFAULT_LOSS[model_name], model_name)
@@ -225,12 +233,24 @@ def _make_training(model_name: str, device: torch.device, amp: bool, channels_la
     return model, train_model, optimizer, loss_fn, amp_dtype
 
 
-def measure_step(model_name: str, size: int, batch: int, device: torch.device, *, amp: bool, compile_model: bool,
-                 channels_last: bool, warmup: int, iters: int) -> dict:
+def measure_step(
+    model_name: str,
+    size: int,
+    batch: int,
+    device: torch.device,
+    *,
+    amp: bool,
+    compile_model: bool,
+    channels_last: bool,
+    warmup: int,
+    iters: int,
+) -> dict:
     """samples/s of training steps on one random batch kept on the device (warmup steps, compile included, not timed)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _, train_model, optimizer, loss_fn, amp_dtype = _make_training(model_name, device, amp, channels_last, compile_model)
+    _, train_model, optimizer, loss_fn, amp_dtype = _make_training(
+        model_name, device, amp, channels_last, compile_model
+    )
     step = _make_step(train_model, loss_fn, optimizer, device, amp_dtype, channels_last)
     data = _random_batch(batch, size, device)
     t0 = time.perf_counter()
@@ -243,31 +263,68 @@ def measure_step(model_name: str, size: int, batch: int, device: torch.device, *
         step(data)
     _sync(device)
     seconds = time.perf_counter() - t0
-    out = {"model": model_name, "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-           "compiled": compile_model, "channels_last": channels_last, "batch_size": batch,
-           "samples_per_s": round(batch * iters / seconds, 1), "warmup_s": round(warm_s, 1)}
+    out = {
+        "model": model_name,
+        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        "compiled": compile_model,
+        "channels_last": channels_last,
+        "batch_size": batch,
+        "samples_per_s": round(batch * iters / seconds, 1),
+        "warmup_s": round(warm_s, 1),
+    }
     if device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     return out
 
 
-def measure_ours_end_to_end(dataset: ModestDataset, model_name: str, samples: int, batch: int, workers: int,
-                            device: torch.device, compile_model: bool, ahead: int | None = None,
-                            data_mode: str = "auto", decode: str = "auto", loader: str = "auto") -> dict:
+def measure_ours_end_to_end(
+    dataset: ModestDataset,
+    model_name: str,
+    samples: int,
+    batch: int,
+    workers: int,
+    device: torch.device,
+    compile_model: bool,
+    ahead: int | None = None,
+    data_mode: str = "auto",
+    decode: str = "auto",
+    loader: str = "auto",
+) -> dict:
     """`train_one_epoch` over `samples` training samples with the default loader (or the `loader`, `data_mode`,
     `decode` and `ahead` given) and the training recipe."""
     from .train import EpochSampler, train_one_epoch
 
     channels_last = device.type == "cuda"
-    model, train_model, optimizer, loss_fn, amp_dtype = _make_training(model_name, device, True, channels_last, compile_model)
+    model, train_model, optimizer, loss_fn, amp_dtype = _make_training(
+        model_name, device, True, channels_last, compile_model
+    )
     train_set = dataset.subset("train", augment=True)
 
     def run(limit: int) -> dict:
         sampler = EpochSampler(len(train_set), 1, limit)
-        batches = make_loader(train_set, batch_size=batch, shuffle=False, sampler=sampler, num_workers=workers,
-                              device=device, drop_last=True, ahead=ahead, data_mode=data_mode, decode=decode, loader=loader)
-        result = train_one_epoch(train_model, batches, loss_fn, optimizer, device, amp_dtype=amp_dtype,
-                                 channels_last=channels_last, log_every=50)
+        batches = make_loader(
+            train_set,
+            batch_size=batch,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=workers,
+            device=device,
+            drop_last=True,
+            ahead=ahead,
+            data_mode=data_mode,
+            decode=decode,
+            loader=loader,
+        )
+        result = train_one_epoch(
+            train_model,
+            batches,
+            loss_fn,
+            optimizer,
+            device,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+            log_every=50,
+        )
         result["loader"] = type(batches.loader).__name__
         result["data_mode"] = batches.data_mode
         result["decode_on_device"] = batches.decode_on_device
@@ -279,21 +336,46 @@ def measure_ours_end_to_end(dataset: ModestDataset, model_name: str, samples: in
     warm_s = time.perf_counter() - t0
     result = run(min(len(train_set), max(samples, batch)))
     rate = result["samples"] / result["seconds"]
-    return {"model": model_name, "recipe": "ours", "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-            "compiled": compile_model, "channels_last": channels_last, "loader": result["loader"],
-            "data_mode": result["data_mode"], "decode_on_device": result["decode_on_device"], "ahead": result["ahead"],
-            "workers": workers,
-            "batch_size": batch, "samples": result["samples"], "samples_per_s": round(rate, 1),
-            "epoch_280k_min": round(EPOCH_SAMPLES / rate / 60, 1), "warmup_s": round(warm_s, 1)}
+    return {
+        "model": model_name,
+        "recipe": "ours",
+        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        "compiled": compile_model,
+        "channels_last": channels_last,
+        "loader": result["loader"],
+        "data_mode": result["data_mode"],
+        "decode_on_device": result["decode_on_device"],
+        "ahead": result["ahead"],
+        "workers": workers,
+        "batch_size": batch,
+        "samples": result["samples"],
+        "samples_per_s": round(rate, 1),
+        "epoch_280k_min": round(EPOCH_SAMPLES / rate / 60, 1),
+        "warmup_s": round(warm_s, 1),
+    }
 
 
-def measure_seed_end_to_end(root: Path, files: list, size: int | None, model_name: str, samples: int, batch: int,
-                            workers: int, device: torch.device) -> dict:
+def measure_seed_end_to_end(
+    root: Path,
+    files: list,
+    size: int | None,
+    model_name: str,
+    samples: int,
+    batch: int,
+    workers: int,
+    device: torch.device,
+) -> dict:
     """The original recipe end to end: seed-style loader, fp32, no channels_last, the loss read back every step."""
     _, train_model, optimizer, loss_fn, amp_dtype = _make_training(model_name, device, False, False, False)
     step = _make_step(train_model, loss_fn, optimizer, device, None, False, sync_loss=True)
-    loader = DataLoader(SeedStyleDataset(root, files, size), batch_size=batch, shuffle=True, num_workers=workers,
-                        pin_memory=device.type == "cuda", drop_last=True)
+    loader = DataLoader(
+        SeedStyleDataset(root, files, size),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
     count, t0, start = 0, None, time.perf_counter()
     for i, cpu_batch in enumerate(loader):
         step({k: v.to(device) for k, v in cpu_batch.items()})
@@ -308,10 +390,20 @@ def measure_seed_end_to_end(root: Path, files: list, size: int | None, model_nam
     if t0 is None or count == 0:
         raise UserError("too few samples for the seed-style end-to-end run (needs at least 3 batches)")
     rate = count / (time.perf_counter() - t0)
-    return {"model": model_name, "recipe": "seed", "precision": "fp32", "compiled": False, "channels_last": False,
-            "loader": "seed-style DataLoader", "workers": workers, "batch_size": batch, "samples": count,
-            "samples_per_s": round(rate, 1), "epoch_280k_min": round(EPOCH_SAMPLES / rate / 60, 1),
-            "warmup_s": round(t0 - start, 1)}
+    return {
+        "model": model_name,
+        "recipe": "seed",
+        "precision": "fp32",
+        "compiled": False,
+        "channels_last": False,
+        "loader": "seed-style DataLoader",
+        "workers": workers,
+        "batch_size": batch,
+        "samples": count,
+        "samples_per_s": round(rate, 1),
+        "epoch_280k_min": round(EPOCH_SAMPLES / rate / 60, 1),
+        "warmup_s": round(t0 - start, 1),
+    }
 
 
 @contextlib.contextmanager
@@ -354,15 +446,22 @@ def measure_cpu_stages(train_set: ModestDataset, samples: int, batch: int, seed_
         stages = {"read": per_sample(lambda i: read(rows[i]))}
         stages["decode"] = per_sample(lambda i: train_set._load_others(rows[i], backgrounds[i][1], datas[i]))
         others = [train_set._load_others(r, backgrounds[i][1], datas[i]) for i, r in enumerate(rows)]
-        stages["augment"] = per_sample(lambda i: apply_augment(train_set.augment, backgrounds[i][0], *others[i])) \
-            if train_set.augment is not None else 0.0
+        stages["augment"] = (
+            per_sample(lambda i: apply_augment(train_set.augment, backgrounds[i][0], *others[i]))
+            if train_set.augment is not None
+            else 0.0
+        )
         loaded = [train_set.load(i) for i in range(min(n, batch))]
         stages["collate_and_float"] = per_sample(lambda i: loader.to_device(collate_samples(loaded)), 5) / len(loaded)
         seed_ms = per_sample(lambda i: seed_dataset[i], min(n, len(seed_dataset))) if seed_dataset is not None else None
     total = sum(stages.values())
     cores = usable_cores()
-    result = {"ms_per_sample": {k: round(v, 3) for k, v in stages.items()}, "total_ms": round(total, 3), "cores": cores,
-              "ceiling_samples_per_s": round(cores * 1e3 / total, 1)}
+    result = {
+        "ms_per_sample": {k: round(v, 3) for k, v in stages.items()},
+        "total_ms": round(total, 3),
+        "cores": cores,
+        "ceiling_samples_per_s": round(cores * 1e3 / total, 1),
+    }
     if seed_ms is not None:
         result["seed_style_ms"] = round(seed_ms, 3)
         result["ceiling_vs_seed"] = round(seed_ms / total, 1)
@@ -382,10 +481,33 @@ def write_many_member_zip(path: Path, members: int = ZIP_TEST_MEMBERS) -> Path:
         for i in range(members):
             folder, suffix = kinds[i % 3]
             n = i // 3
-            name = f"modest/{folder}bg{n // 4000 + 1:03d}_fg{n // 40 % 100 + 1:03d}_{n % 40 + 1:02d}{suffix}.jpeg".encode()
+            name = (
+                f"modest/{folder}bg{n // 4000 + 1:03d}_fg{n // 40 % 100 + 1:03d}_{n % 40 + 1:02d}{suffix}.jpeg".encode()
+            )
             f.write(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0, 33, crc, 1, 1, len(name), 0) + name + data)
-            central.append(struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 0, 0, 33, crc, 1, 1, len(name),
-                                       0, 0, 0, 0, 0o644 << 16, offset) + name)
+            central.append(
+                struct.pack(
+                    "<4sHHHHHHIIIHHHHHII",
+                    b"PK\x01\x02",
+                    20,
+                    20,
+                    0,
+                    0,
+                    0,
+                    33,
+                    crc,
+                    1,
+                    1,
+                    len(name),
+                    0,
+                    0,
+                    0,
+                    0,
+                    0o644 << 16,
+                    offset,
+                )
+                + name
+            )
             offset += 30 + len(name) + 1
         cd = b"".join(central)
         f.write(cd)
@@ -429,13 +551,24 @@ def zip_index_test(folder: Path, members: int = ZIP_TEST_MEMBERS) -> dict:
     root = Path(__file__).resolve().parents[1]
 
     def open_once(use_cache: bool) -> dict:
-        out = subprocess.run([sys.executable, "-c", _OPEN_INDEX, str(path), "1" if use_cache else "0"], cwd=root,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _OPEN_INDEX, str(path), "1" if use_cache else "0"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         record = json.loads(out.stdout.strip().splitlines()[-1])
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in record.items()}
 
-    result = {"members": members, "zip_mb": round(path.stat().st_size / 2**20), "built_s": built_s,
-              "cold_no_cache": open_once(False), "first_open_writes_cache": open_once(True), "cached": open_once(True)}
+    result = {
+        "members": members,
+        "zip_mb": round(path.stat().st_size / 2**20),
+        "built_s": built_s,
+        "cold_no_cache": open_once(False),
+        "first_open_writes_cache": open_once(True),
+        "cached": open_once(True),
+    }
     return result
 
 
@@ -479,8 +612,15 @@ def measure_epoch_memory(dataset: ModestDataset, kind: str, batch: int, workers:
 
     def sample() -> None:
         kids = [_memory_mb(k) for k in _child_pids(me)]
-        trace.append({"samples": samples, "self_mb": round(_memory_mb(me)), "children_mb": round(sum(kids)),
-                      "largest_child_mb": round(max(kids, default=0.0)), "processes": 1 + len(kids)})
+        trace.append(
+            {
+                "samples": samples,
+                "self_mb": round(_memory_mb(me)),
+                "children_mb": round(sum(kids)),
+                "largest_child_mb": round(max(kids, default=0.0)),
+                "processes": 1 + len(kids),
+            }
+        )
 
     last = len(loader) - 1
     for i, b in enumerate(loader):
@@ -489,13 +629,29 @@ def measure_epoch_memory(dataset: ModestDataset, kind: str, batch: int, workers:
             sample()
     seconds = time.perf_counter() - start
     total = [t["self_mb"] + t["children_mb"] for t in trace]
-    return {"loader": kind, "workers": workers, "batch_size": batch, "samples": samples, "seconds": round(seconds, 1),
-            "first_mb": total[0], "peak_mb": max(total), "last_mb": total[-1], "growth_mb": total[-1] - total[0],
-            "largest_child_mb": max(t["largest_child_mb"] for t in trace), "trace": trace}
+    return {
+        "loader": kind,
+        "workers": workers,
+        "batch_size": batch,
+        "samples": samples,
+        "seconds": round(seconds, 1),
+        "first_mb": total[0],
+        "peak_mb": max(total),
+        "last_mb": total[-1],
+        "growth_mb": total[-1] - total[0],
+        "largest_child_mb": max(t["largest_child_mb"] for t in trace),
+        "trace": trace,
+    }
 
 
-def epoch_memory_test(folder: Path, workers: int, batch: int = 64, data: dict | None = None,
-                      kinds: Sequence[str] = ("threads", "processes"), progress: bool = False) -> dict:
+def epoch_memory_test(
+    folder: Path,
+    workers: int,
+    batch: int = 64,
+    data: dict | None = None,
+    kinds: Sequence[str] = ("threads", "processes"),
+    progress: bool = False,
+) -> dict:
     """`measure_epoch_memory` for each loader kind on a 400,000-sample synthetic zip (MEMORY_TEST_DATA; written once)."""
     from .synthetic import make_synthetic_dataset
 
@@ -506,8 +662,13 @@ def epoch_memory_test(folder: Path, workers: int, batch: int = 64, data: dict | 
     written_s = time.perf_counter() - t
     dataset = ModestDataset(path, "all", d["size"])
     train = dataset.subset("train", augment=True)
-    result = {"data": str(path), "zip_mb": round(path.stat().st_size / 2**20), "ready_s": round(written_s, 1),
-              "samples_in_data": len(dataset), "train_samples": len(train)}
+    result = {
+        "data": str(path),
+        "zip_mb": round(path.stat().st_size / 2**20),
+        "ready_s": round(written_s, 1),
+        "samples_in_data": len(dataset),
+        "train_samples": len(train),
+    }
     for kind in kinds:
         result[kind] = measure_epoch_memory(train, kind, batch, workers)
     return result
@@ -541,8 +702,11 @@ def machine_info(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_capability=list(torch.cuda.get_device_capability(device)),
-                    gpu_memory_gb=round(props.total_memory / 2**30, 1))
+        info.update(
+            gpu=props.name,
+            gpu_capability=list(torch.cuda.get_device_capability(device)),
+            gpu_memory_gb=round(props.total_memory / 2**30, 1),
+        )
     return info
 
 
@@ -569,11 +733,15 @@ def bench_data(data: str | None, progress: bool) -> Path:
     try:
         from .synthetic import make_synthetic_dataset
     except ImportError as exc:
-        raise UserError(f"writing the synthetic bench set needs {exc.name} (pip install -r requirements.txt), "
-                        "or pass --data PATH") from None
+        raise UserError(
+            f"writing the synthetic bench set needs {exc.name} (pip install -r requirements.txt), or pass --data PATH"
+        ) from None
 
     d = BENCH_DATA
-    path = Path("data") / f"bench-synthetic-{d['size']}px-{d['backgrounds']}x{d['foregrounds']}x{2 * d['placements']}-seed{d['seed']}.zip"
+    path = (
+        Path("data")
+        / f"bench-synthetic-{d['size']}px-{d['backgrounds']}x{d['foregrounds']}x{2 * d['placements']}-seed{d['seed']}.zip"
+    )
     return make_synthetic_dataset(path, as_zip=True, progress=progress, **d)
 
 
@@ -610,34 +778,71 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     m = report["machine"]
     log(f"lib.bench  {m['date']}  {m['platform']}")
     log(f"  cpu: {m['cpu']} ({m['cores']} cores)  torch {m['torch']}  torchvision {m['torchvision']}")
-    log(f"  device: {device}" + (f" = {m['gpu']} (capability {m['gpu_capability']}, {m['gpu_memory_gb']} GB)" if cuda else ""))
-    log(f"  decoders: simplejpeg {m['simplejpeg']}, opencv {m['opencv']}, pillow {m['pillow']}; albumentations {m['albumentations']}"
-        f"; load average {m['load_average']}")
+    log(
+        f"  device: {device}"
+        + (f" = {m['gpu']} (capability {m['gpu_capability']}, {m['gpu_memory_gb']} GB)" if cuda else "")
+    )
+    log(
+        f"  decoders: simplejpeg {m['simplejpeg']}, opencv {m['opencv']}, pillow {m['pillow']}; albumentations {m['albumentations']}"
+        f"; load average {m['load_average']}"
+    )
 
     root = bench_data(args.data, progress=not args.json)
     dataset = ModestDataset(root, "all", size)
     native = dataset.load(0)["bg"].shape[-1] if size is None else size
-    report["settings"] = {"data": str(root), "samples_in_data": len(dataset), "image_size": size or native,
-                          "workers": workers, "batch_size": batch, "loader_samples": loader_samples,
-                          "step_batch_size": step_batch, "e2e_batch_size": e2e_batch, "e2e_samples": e2e_samples,
-                          "compile": args.compile}
+    report["settings"] = {
+        "data": str(root),
+        "samples_in_data": len(dataset),
+        "image_size": size or native,
+        "workers": workers,
+        "batch_size": batch,
+        "loader_samples": loader_samples,
+        "step_batch_size": step_batch,
+        "e2e_batch_size": e2e_batch,
+        "e2e_samples": e2e_samples,
+        "compile": args.compile,
+    }
     log(f"  data: {root} ({len(dataset):,} samples at {size or native} px); {workers} loader workers, batch {batch}")
 
     # ---- loader
     train_set = dataset.subset("train", augment=True)
     loaders: dict = {}
-    configs = [("ours threads, cpu mode", "threads", "cpu", "cpu"), ("ours processes, cpu mode", "processes", "cpu", "cpu")]
+    configs = [
+        ("ours threads, cpu mode", "threads", "cpu", "cpu"),
+        ("ours processes, cpu mode", "processes", "cpu", "cpu"),
+    ]
     if cuda:
-        configs += [("ours threads, gpu mode, cpu decode", "threads", "gpu", "cpu"),
-                    ("ours threads, gpu mode, gpu decode", "threads", "gpu", "device"),
-                    ("ours processes, gpu mode, cpu decode", "processes", "gpu", "cpu")]
+        configs += [
+            ("ours threads, gpu mode, cpu decode", "threads", "gpu", "cpu"),
+            ("ours threads, gpu mode, gpu decode", "threads", "gpu", "device"),
+            ("ours processes, gpu mode, cpu decode", "processes", "gpu", "cpu"),
+        ]
     for name, kind, mode, decode in configs:
-        _try(loaders, name, lambda: measure_loader(
-            make_loader(train_set, batch_size=batch, shuffle=True, num_workers=workers, device=device, loader=kind,
-                        data_mode=mode, decode=decode), loader_samples, device), name)
+        _try(
+            loaders,
+            name,
+            lambda: measure_loader(
+                make_loader(
+                    train_set,
+                    batch_size=batch,
+                    shuffle=True,
+                    num_workers=workers,
+                    device=device,
+                    loader=kind,
+                    data_mode=mode,
+                    decode=decode,
+                ),
+                loader_samples,
+                device,
+            ),
+            name,
+        )
     default = make_loader(train_set, batch_size=batch, shuffle=True, num_workers=workers, device=device)
-    default_name = (f"ours {type(default.loader).__name__.replace('ThreadLoader', 'threads').replace('DataLoader', 'processes')}, "
-                    f"{default.data_mode} mode" + (f", {'gpu' if default.decode_on_device else 'cpu'} decode" if default.data_mode == "gpu" else ""))
+    default_name = (
+        f"ours {type(default.loader).__name__.replace('ThreadLoader', 'threads').replace('DataLoader', 'processes')}, "
+        f"{default.data_mode} mode"
+        + (f", {'gpu' if default.decode_on_device else 'cpu'} decode" if default.data_mode == "gpu" else "")
+    )
     del default
     rng = np.random.default_rng(0)
     n_seed = min(len(dataset), max(loader_samples, e2e_samples) + 4 * batch)
@@ -647,8 +852,13 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     def seed_loader() -> dict:
         folder = Path("data") / "bench-extracted" / hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
         extracted["root"], extracted["files"] = extract_for_baseline(dataset, rows, folder)
-        seed = DataLoader(SeedStyleDataset(extracted["root"], extracted["files"], size), batch_size=batch, shuffle=True,
-                          num_workers=workers, pin_memory=cuda)
+        seed = DataLoader(
+            SeedStyleDataset(extracted["root"], extracted["files"], size),
+            batch_size=batch,
+            shuffle=True,
+            num_workers=workers,
+            pin_memory=cuda,
+        )
         return measure_loader(seed, loader_samples, torch.device("cpu"))
 
     _try(loaders, "seed-style (PIL + per-image albumentations, DataLoader)", seed_loader, "seed")
@@ -656,7 +866,9 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     report["default_loader"] = default_name
     seed_rate = loaders["seed-style (PIL + per-image albumentations, DataLoader)"].get("samples_per_s")
     log("")
-    log(f"loader only, augmentation on, {workers} workers, batch {batch}, {loader_samples} samples (samples/s, x seed-style)")
+    log(
+        f"loader only, augmentation on, {workers} workers, batch {batch}, {loader_samples} samples (samples/s, x seed-style)"
+    )
     for name, r in loaders.items():
         mark = "  <- default" if name == default_name else ""
         if "error" in r:
@@ -675,10 +887,14 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     c = report["cpu_stages"]
     if "error" not in c:
         parts = " | ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in c["ms_per_sample"].items())
-        log(f"  CPU work per sample, one thread (ms): {parts} | total {c['total_ms']:.2f}"
-            + (f"; seed-style {c['seed_style_ms']:.2f}" if "seed_style_ms" in c else ""))
-        log(f"  -> at most {c['ceiling_samples_per_s']:,.0f} samples/s on {c['cores']} cores if the threads scaled perfectly"
-            + (f" ({c['ceiling_vs_seed']}x the seed-style work per sample)" if "ceiling_vs_seed" in c else ""))
+        log(
+            f"  CPU work per sample, one thread (ms): {parts} | total {c['total_ms']:.2f}"
+            + (f"; seed-style {c['seed_style_ms']:.2f}" if "seed_style_ms" in c else "")
+        )
+        log(
+            f"  -> at most {c['ceiling_samples_per_s']:,.0f} samples/s on {c['cores']} cores if the threads scaled perfectly"
+            + (f" ({c['ceiling_vs_seed']}x the seed-style work per sample)" if "ceiling_vs_seed" in c else "")
+        )
 
     # ---- model step
     steps: list = []
@@ -689,39 +905,83 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
             for compile_model in compiles:
                 label = f"{model_name} {'amp' if amp else 'fp32'} {'compiled' if compile_model else 'eager'}"
                 with cuda_flags(True):
-                    _try(steps, None, lambda: measure_step(model_name, size or native, step_batch, device, amp=amp,
-                                                           compile_model=compile_model, channels_last=cuda,
-                                                           warmup=warmup, iters=iters), label)
+                    _try(
+                        steps,
+                        None,
+                        lambda: measure_step(
+                            model_name,
+                            size or native,
+                            step_batch,
+                            device,
+                            amp=amp,
+                            compile_model=compile_model,
+                            channels_last=cuda,
+                            warmup=warmup,
+                            iters=iters,
+                        ),
+                        label,
+                    )
     report["model_step"] = steps
     log("")
-    log(f"model step (forward + backward + SGD) on {device}, batch {step_batch}, {size or native} px"
-        + ("" if cuda else "; AMP n/a on CPU"))
+    log(
+        f"model step (forward + backward + SGD) on {device}, batch {step_batch}, {size or native} px"
+        + ("" if cuda else "; AMP n/a on CPU")
+    )
     for r in steps:
         if "error" in r:
             log(f"  {r['name']:<34} n/a ({r['error']})")
         else:
             mem = f"   peak GPU {r['peak_gpu_mb']} MB" if "peak_gpu_mb" in r else ""
-            log(f"  {r['name']:<34} {r['samples_per_s']:>9.1f} samples/s  ({r['precision']}, warm-up {r['warmup_s']} s){mem}")
+            log(
+                f"  {r['name']:<34} {r['samples_per_s']:>9.1f} samples/s  ({r['precision']}, warm-up {r['warmup_s']} s){mem}"
+            )
 
     # ---- end to end
     e2e: dict = {}
     with cuda_flags(True):
-        _try(e2e, "ours", lambda: measure_ours_end_to_end(dataset, args.models[0], e2e_samples, e2e_batch, workers,
-                                                          device, args.compile), "ours")
+        _try(
+            e2e,
+            "ours",
+            lambda: measure_ours_end_to_end(
+                dataset, args.models[0], e2e_samples, e2e_batch, workers, device, args.compile
+            ),
+            "ours",
+        )
         if cuda:  # the same with each batch prepared in the training thread, between steps
-            _try(e2e, "ours, batches prepared inline", lambda: measure_ours_end_to_end(
-                dataset, args.models[0], e2e_samples, e2e_batch, workers, device, args.compile, ahead=0), "inline")
+            _try(
+                e2e,
+                "ours, batches prepared inline",
+                lambda: measure_ours_end_to_end(
+                    dataset, args.models[0], e2e_samples, e2e_batch, workers, device, args.compile, ahead=0
+                ),
+                "inline",
+            )
             # and with worker processes decoding on the CPU (the fastest loader alone on the H200; the training
             # thread then shares Python's lock with the preparing thread only)
-            _try(e2e, "ours, worker processes, CPU decode", lambda: measure_ours_end_to_end(
-                dataset, args.models[0], e2e_samples, e2e_batch, workers, device, args.compile, loader="processes",
-                decode="cpu"), "processes")
+            _try(
+                e2e,
+                "ours, worker processes, CPU decode",
+                lambda: measure_ours_end_to_end(
+                    dataset,
+                    args.models[0],
+                    e2e_samples,
+                    e2e_batch,
+                    workers,
+                    device,
+                    args.compile,
+                    loader="processes",
+                    decode="cpu",
+                ),
+                "processes",
+            )
     if cuda or args.seed_end_to_end:
+
         def seed_e2e() -> dict:
             if "root" not in extracted:
                 raise UserError("the seed-style loader did not run")
-            return measure_seed_end_to_end(extracted["root"], extracted["files"], size, args.models[0], e2e_samples,
-                                           e2e_batch, workers, device)
+            return measure_seed_end_to_end(
+                extracted["root"], extracted["files"], size, args.models[0], e2e_samples, e2e_batch, workers, device
+            )
 
         with cuda_flags(False):
             _try(e2e, "seed", seed_e2e, "seed")
@@ -736,15 +996,27 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
             how = f"{r['precision']}, {r['loader']}" + (f", {r['data_mode']} mode" if "data_mode" in r else "")
             how += f", {'gpu' if r['decode_on_device'] else 'cpu'} decode" if r.get("data_mode") == "gpu" else ""
             how += f", {r['ahead']} batches prepared ahead" if r.get("ahead") else ""
-            log(f"  {name:<{width}} {r['samples_per_s']:>9.1f} samples/s -> one epoch of {EPOCH_SAMPLES:,} samples: "
-                f"{r['epoch_280k_min']:.1f} min  ({how})")
+            log(
+                f"  {name:<{width}} {r['samples_per_s']:>9.1f} samples/s -> one epoch of {EPOCH_SAMPLES:,} samples: "
+                f"{r['epoch_280k_min']:.1f} min  ({how})"
+            )
     if "samples_per_s" in e2e.get("seed", {}) and "samples_per_s" in e2e.get("ours", {}):
         report["end_to_end_speedup_vs_seed"] = round(e2e["ours"]["samples_per_s"] / e2e["seed"]["samples_per_s"], 1)
         log(f"  ours / seed: {report['end_to_end_speedup_vs_seed']}x")
     ours = e2e.get("ours", {})
-    step = next((r for r in steps if "samples_per_s" in r and "samples_per_s" in ours and r["model"] == ours["model"]
-                 and r["precision"] == ours["precision"] and r["compiled"] == ours["compiled"]
-                 and r["batch_size"] == ours["batch_size"]), None)
+    step = next(
+        (
+            r
+            for r in steps
+            if "samples_per_s" in r
+            and "samples_per_s" in ours
+            and r["model"] == ours["model"]
+            and r["precision"] == ours["precision"]
+            and r["compiled"] == ours["compiled"]
+            and r["batch_size"] == ours["batch_size"]
+        ),
+        None,
+    )
     if step is not None:  # the share of the bare step's speed that training with real data keeps
         report["end_to_end_vs_step"] = round(ours["samples_per_s"] / step["samples_per_s"], 3)
         log(f"  ours / model step alone ({step['name']}): {100 * report['end_to_end_vs_step']:.0f}%")
@@ -752,37 +1024,61 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     # ---- memory
     memory = {"peak_rss": peak_rss_mb()}
     if cuda:
-        memory["peak_gpu_mb"] = round(max([r.get("peak_gpu_mb", 0) for r in steps] + [torch.cuda.max_memory_allocated(device) / 2**20]))
+        memory["peak_gpu_mb"] = round(
+            max([r.get("peak_gpu_mb", 0) for r in steps] + [torch.cuda.max_memory_allocated(device) / 2**20])
+        )
     report["memory"] = memory
     log("")
-    log(f"memory: peak RSS {memory['peak_rss']['self_mb']} MB (this process), {memory['peak_rss']['largest_child_mb']} MB "
-        f"(largest child)" + (f"; peak GPU {memory['peak_gpu_mb']} MB" if cuda else ""))
+    log(
+        f"memory: peak RSS {memory['peak_rss']['self_mb']} MB (this process), {memory['peak_rss']['largest_child_mb']} MB "
+        f"(largest child)" + (f"; peak GPU {memory['peak_gpu_mb']} MB" if cuda else "")
+    )
 
     folder = Path(tempfile.gettempdir())
-    z = _optional_section(report, "zip_index", "zip index", lambda: zip_index_test(folder), log) \
-        if args.zip_index_test else None
+    z = (
+        _optional_section(report, "zip_index", "zip index", lambda: zip_index_test(folder), log)
+        if args.zip_index_test
+        else None
+    )
     if z is not None:
-        log(f"zip index of {z['members']:,} members ({z['zip_mb']} MB zip"
-            + (f", written in {z['built_s']} s" if z["built_s"] else "") + ")")
+        log(
+            f"zip index of {z['members']:,} members ({z['zip_mb']} MB zip"
+            + (f", written in {z['built_s']} s" if z["built_s"] else "")
+            + ")"
+        )
         for key in ("cold_no_cache", "first_open_writes_cache", "cached"):
             r = z[key]
             log(f"  {key:<24} {r['seconds']:>6.2f} s   +{r['index_rss_mb']} MB RSS (process {r['rss_mb']} MB)")
-    e = _optional_section(report, "epoch_memory", "epoch memory",
-                          lambda: epoch_memory_test(folder, workers, progress=not args.json), log) \
-        if args.epoch_memory_test else None
+    e = (
+        _optional_section(
+            report,
+            "epoch_memory",
+            "epoch memory",
+            lambda: epoch_memory_test(folder, workers, progress=not args.json),
+            log,
+        )
+        if args.epoch_memory_test
+        else None
+    )
     if e is not None:
         kinds = [k for k in ("threads", "processes") if k in e]
-        log(f"host memory over one epoch: {e['train_samples']:,} training samples of {e['data']} "
+        log(
+            f"host memory over one epoch: {e['train_samples']:,} training samples of {e['data']} "
             f"({e['samples_in_data']:,} samples, {e['zip_mb']} MB), CPU device, batch {e[kinds[0]]['batch_size']}, "
-            f"{workers} workers")
+            f"{workers} workers"
+        )
         for kind in kinds:
             m = e[kind]
-            log(f"  {kind:<10} first {m['first_mb']} MB, peak {m['peak_mb']} MB, last {m['last_mb']} MB "
-                f"(growth {m['growth_mb']:+d} MB; largest worker {m['largest_child_mb']} MB; {m['seconds']} s)")
+            log(
+                f"  {kind:<10} first {m['first_mb']} MB, peak {m['peak_mb']} MB, last {m['last_mb']} MB "
+                f"(growth {m['growth_mb']:+d} MB; largest worker {m['largest_child_mb']} MB; {m['seconds']} s)"
+            )
     return report
 
 
-def _optional_section(report: dict, key: str, title: str, fn: Callable[[], dict], log: Callable[[str], None]) -> dict | None:
+def _optional_section(
+    report: dict, key: str, title: str, fn: Callable[[], dict], log: Callable[[str], None]
+) -> dict | None:
     """Run an optional section into report[key] after a blank line; its result, or None after logging why it failed."""
     _try(report, key, fn, key)
     log("")
@@ -796,9 +1092,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The bench's arguments."""
     p = argparse.ArgumentParser(prog="python -m lib.bench", description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-    p.add_argument("--size", type=int, default=224, help="image side, a multiple of 32 (default 224; 0: the data's own size)")
-    p.add_argument("--samples", type=int, default=None, help="samples per loader and end-to-end measurement "
-                   "(default 768 loader / 32 end to end on CPU, 4096 on CUDA)")
+    p.add_argument(
+        "--size", type=int, default=224, help="image side, a multiple of 32 (default 224; 0: the data's own size)"
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="samples per loader and end-to-end measurement (default 768 loader / 32 end to end on CPU, 4096 on CUDA)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: CUDA if present")
     p.add_argument("--data", default=None, help="a MODEST folder or zip (default: the synthetic bench set under data/)")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: one per core, at most 8)")
@@ -807,8 +1109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also torch.compile (minutes on CPU)")
     p.add_argument("--seed-end-to-end", action="store_true", help="also the seed recipe end to end on CPU")
     p.add_argument("--zip-index-test", action="store_true", help="also open the index of a 1.2M-member zip in /tmp")
-    p.add_argument("--epoch-memory-test", action="store_true",
-                   help="also host memory over one epoch of a 400,000-sample zip in /tmp (Linux; minutes)")
+    p.add_argument(
+        "--epoch-memory-test",
+        action="store_true",
+        help="also host memory over one epoch of a 400,000-sample zip in /tmp (Linux; minutes)",
+    )
     return p
 
 

@@ -29,14 +29,15 @@ Depth maps (8-bit, brighter = farther, as in MODEST) come from the model named b
 - none: the depth maps are a flat placeholder (every pixel 128) and dataset.json says so. Fine for MaskNet,
   which never reads depth; useless for training DepthNet's depth head.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -71,7 +72,9 @@ def list_images(folder: str | os.PathLike, what: str) -> list[Path]:
         if path.name.startswith(".") or path.name.lower() in IGNORED_FILES or path.is_dir():
             continue
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise UserError(f"{path}: not an image file ({', '.join(IMAGE_EXTENSIONS)}); move it out of the {what} folder")
+            raise UserError(
+                f"{path}: not an image file ({', '.join(IMAGE_EXTENSIONS)}); move it out of the {what} folder"
+            )
         files.append(path)
     if not files:
         raise UserError(f"{folder}: no images in the {what} folder")
@@ -96,9 +99,11 @@ def load_background(path: Path, size: int) -> np.ndarray:
     height, width = img.shape[:2]
     side = min(height, width)
     if side < size:
-        raise UserError(f"{path}: {width}x{height} is smaller than --size {size} (its shorter side must be at least {size})")
+        raise UserError(
+            f"{path}: {width}x{height} is smaller than --size {size} (its shorter side must be at least {size})"
+        )
     top, left = (height - side) // 2, (width - side) // 2
-    square = img[top:top + side, left:left + side]
+    square = img[top : top + side, left : left + side]
     return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA) if side != size else square.copy()
 
 
@@ -108,17 +113,20 @@ def load_cutout(path: Path, size: int) -> np.ndarray:
     if img.dtype == np.uint16:
         img = (img >> 8).astype(np.uint8)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 4:
-        raise UserError(f"{path}: no alpha channel; a cut-out must be an image with transparency "
-                        f"(e.g. a PNG whose background is transparent)")
+        raise UserError(
+            f"{path}: no alpha channel; a cut-out must be an image with transparency "
+            f"(e.g. a PNG whose background is transparent)"
+        )
     rgba = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
     alpha = rgba[..., 3]
     if not (alpha >= 128).any():
         raise UserError(f"{path}: fully transparent, nothing to paste")
     if (alpha == 255).all():
-        raise UserError(f"{path}: its alpha channel is opaque everywhere, so it is not a cut-out "
-                        "(make the background transparent)")
+        raise UserError(
+            f"{path}: its alpha channel is opaque everywhere, so it is not a cut-out (make the background transparent)"
+        )
     rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
-    rgba = rgba[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    rgba = rgba[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     height = fg_height(size)
     width = max(1, round(height * rgba.shape[1] / rgba.shape[0]))
     if width > size:  # a very wide cut-out: fit the width instead
@@ -149,7 +157,9 @@ def _depthnet_depth(path: Path, device: torch.device) -> tuple[DepthFn, str]:
     model, state = load_model(path, device)
     cfg = state["config"]
     if cfg["model"] != "depthnet":
-        raise UserError(f"{path}: holds a {cfg['model']} checkpoint, which predicts no depth; use a depthnet checkpoint")
+        raise UserError(
+            f"{path}: holds a {cfg['model']} checkpoint, which predicts no depth; use a depthnet checkpoint"
+        )
 
     def depth_fn(bg: np.ndarray, bg_fgs: list[np.ndarray]) -> list[np.ndarray]:
         _, depth = predict_batch(model, [bg] * len(bg_fgs), bg_fgs, cfg["image_size"], device)
@@ -180,8 +190,10 @@ def _hub_depth(entry: str, device: torch.device) -> tuple[DepthFn, str]:  # prag
             transforms = torch.hub.load(repo, "transforms", trust_repo=True)
             transform = transforms.small_transform if "small" in name.lower() else transforms.dpt_transform
     except Exception as exc:  # network, missing entry, import errors inside the hub repo
-        raise UserError(f"--depth-model {entry}: torch.hub could not load it ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); it needs internet") from None
+        raise UserError(
+            f"--depth-model {entry}: torch.hub could not load it ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); it needs internet"
+        ) from None
 
     def prepare(img: np.ndarray) -> torch.Tensor:
         if transform is not None:
@@ -196,7 +208,9 @@ def _hub_depth(entry: str, device: torch.device) -> tuple[DepthFn, str]:  # prag
         for img in bg_fgs:
             pred = model(prepare(img))
             pred = pred if pred.dim() == 4 else pred.unsqueeze(1)  # (1, 1, h, w)
-            pred = torch.nn.functional.interpolate(pred.float(), size=img.shape[:2], mode="bicubic", align_corners=False)
+            pred = torch.nn.functional.interpolate(
+                pred.float(), size=img.shape[:2], mode="bicubic", align_corners=False
+            )
             maps.append(inverse_depth_to_uint8(pred[0, 0].cpu().numpy()))
         return maps
 
@@ -208,6 +222,7 @@ def make_depth_fn(spec: str | None, device: torch.device | str | None = None) ->
     from .data import default_device
 
     if spec is None:
+
         def placeholder(bg: np.ndarray, bg_fgs: list[np.ndarray]) -> list[np.ndarray]:
             return [np.full(img.shape[:2], PLACEHOLDER_DEPTH, np.uint8) for img in bg_fgs]
 
@@ -218,7 +233,9 @@ def make_depth_fn(spec: str | None, device: torch.device | str | None = None) ->
         return _depthnet_depth(path, device)
     if HUB_ENTRY.match(spec) and not path.exists():
         return _hub_depth(spec, device)
-    raise UserError(f"--depth-model {spec}: neither a checkpoint file nor a torch.hub entry like intel-isl/MiDaS:MiDaS_small")
+    raise UserError(
+        f"--depth-model {spec}: neither a checkpoint file nor a torch.hub entry like intel-isl/MiDaS:MiDaS_small"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the dataset
@@ -228,7 +245,9 @@ def _check_args(size: int, placements: int, seed: int, n_bg: int, n_fg: int) -> 
     if not 32 <= size <= 4096:
         raise UserError(f"--size must be between 32 and 4096, not {size}")
     if not 1 <= placements <= 49:
-        raise UserError(f"--placements must be between 1 and 49 (samples are numbered _01.._{2 * 49}), not {placements}")
+        raise UserError(
+            f"--placements must be between 1 and 49 (samples are numbered _01.._{2 * 49}), not {placements}"
+        )
     if seed < 0:
         raise UserError(f"--seed must be 0 or more, not {seed}")
     for count, what in ((n_bg, "backgrounds"), (n_fg, "foregrounds")):
@@ -266,10 +285,17 @@ def build_dataset(
             (tmp / folder).mkdir(parents=True)
         for f, cutout in enumerate(cutouts, 1):
             (tmp / "fg" / f"fg{f:03d}.png").write_bytes(encode_png(cutout))
-            (tmp / "fg_mask" / f"fg{f:03d}_mask.png").write_bytes(encode_png(np.where(cutout[..., 3] >= 128, 255, 0).astype(np.uint8)))
+            (tmp / "fg_mask" / f"fg{f:03d}_mask.png").write_bytes(
+                encode_png(np.where(cutout[..., 3] >= 128, 255, 0).astype(np.uint8))
+            )
         file_map, bbox = [], []
-        bar = tqdm(total=len(bgs) * len(cutouts) * 2 * placements, unit="sample", desc="build", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=len(bgs) * len(cutouts) * 2 * placements,
+            unit="sample",
+            desc="build",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         with bar:
             for b, bg in enumerate(bgs, 1):
                 (tmp / "bg" / f"bg{b:03d}.jpeg").write_bytes(encode_jpeg(bg))
@@ -294,11 +320,19 @@ def build_dataset(
                     bar.update(len(names))
         (tmp / "file_map.txt").write_text("".join(file_map))
         (tmp / "bbox.txt").write_text("".join(bbox))
-        meta = {"format": "modest", "generator": "lib.build", "size": size, "placements": placements, "seed": seed,
-                "samples": len(file_map), "fg_height": fg_height(size), "depth": depth_note,
-                "depth_model": depth_model,
-                "backgrounds": {f"bg{i:03d}": p.name for i, p in enumerate(bg_files, 1)},
-                "foregrounds": {f"fg{i:03d}": p.name for i, p in enumerate(fg_files, 1)}}
+        meta = {
+            "format": "modest",
+            "generator": "lib.build",
+            "size": size,
+            "placements": placements,
+            "seed": seed,
+            "samples": len(file_map),
+            "fg_height": fg_height(size),
+            "depth": depth_note,
+            "depth_model": depth_model,
+            "backgrounds": {f"bg{i:03d}": p.name for i, p in enumerate(bg_files, 1)},
+            "foregrounds": {f"fg{i:03d}": p.name for i, p in enumerate(fg_files, 1)},
+        }
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.is_dir():
             out.rmdir()  # empty, checked above
@@ -313,4 +347,3 @@ def describe(out: Path) -> str:
     """One line about a built dataset: samples and where its depth maps came from."""
     meta = json.loads((out / "dataset.json").read_text())
     return f"wrote {meta['samples']:,} samples to {out} (depth: {meta['depth']})"
-

@@ -3,6 +3,7 @@
 Badges and the clone URL in README.md and the notebooks are written out from `REPO`; after changing
 `REPO`, run `python -m lib.colab` to rewrite them (tests/test_notebooks.py checks that they agree).
 """
+
 from __future__ import annotations
 
 import re
@@ -16,7 +17,9 @@ DRIVE = Path("/content/drive")
 ROOT = Path(__file__).resolve().parent.parent
 
 # Any Colab link to a GitHub notebook, and any GitHub clone URL: what `sync_links` rewrites and the tests read.
-COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/([\w.-]+)/([\w./-]+\.ipynb)")
+COLAB_LINK = re.compile(
+    r"https://colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/([\w.-]+)/([\w./-]+\.ipynb)"
+)
 CLONE_LINK = re.compile(r'(git clone |REPO_URL = \\?")https://github\.com/([\w.-]+/[\w.-]+?)(?:\.git)?(?=[\\"\s]|$)')
 
 
@@ -83,7 +86,11 @@ def default_out(name: str, drive: Path | None) -> Path:
 def sync_links(paths: list[Path] | None = None, repo: str = REPO, branch: str = BRANCH) -> list[Path]:
     """Rewrite Colab links and clone URLs in `paths` (default README.md and notebooks/*) to `repo`; return the changed files."""
     if paths is None:
-        paths = [ROOT / "README.md", *sorted((ROOT / "notebooks").glob("*.ipynb")), *sorted((ROOT / "notebooks").glob("*.py"))]
+        paths = [
+            ROOT / "README.md",
+            *sorted((ROOT / "notebooks").glob("*.ipynb")),
+            *sorted((ROOT / "notebooks").glob("*.py")),
+        ]
     changed = []
     for path in paths:
         if not path.is_file():

@@ -17,6 +17,7 @@ flip and the photometric jitter run as batched tensor operations there.
 On CUDA a background thread makes the next batches ready on the device, on its own stream
 (`make_loader(ahead=...)`), so the training thread only queues the model's work.
 """
+
 from __future__ import annotations
 
 import collections
@@ -26,9 +27,9 @@ import os
 import queue
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -50,7 +51,9 @@ except ImportError:  # pragma: no cover - albumentations brings it
     cv2 = None
 
 # torchvision >= 0.29 warns that its image codecs move to TorchCodec; they still work, and are only our fallback.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 _DECODE_ERRORS = (ValueError, RuntimeError) + ((cv2.error,) if cv2 is not None else ())
 LOADERS = ("auto", "threads", "processes")
 DATA_MODES = ("auto", "cpu", "gpu")
@@ -175,16 +178,21 @@ def decode_image(data: bytes, gray: bool, where: str) -> np.ndarray:
             raise ValueError("not an image")
         return img if gray else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     except _DECODE_ERRORS as exc:
-        raise DataError(f"{where}: not a readable image ({str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
+        raise DataError(
+            f"{where}: not a readable image ({str(exc).splitlines()[0] if str(exc) else 'corrupt'})"
+        ) from None
 
 
 def _decode_with_torchvision(data: bytes, gray: bool) -> np.ndarray:
     """The fallback decoder (no simplejpeg, no OpenCV): torchvision's libjpeg/libpng."""
-    from torchvision.io import ImageReadMode, decode_image as tv_decode
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
 
     if not data:
         raise ValueError("empty file")
-    img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.GRAY if gray else ImageReadMode.RGB)
+    img = tv_decode(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.GRAY if gray else ImageReadMode.RGB
+    )
     return img[0].numpy() if gray else img.permute(1, 2, 0).numpy()  # (H, W) or (H, W, 3)
 
 
@@ -251,8 +259,10 @@ class ModestDataset(Dataset):
         i = self.source.find(np.array([(self.prefix + FILE_MAP).encode()]))[0]
         where = self.source.where(i)
         names, lines = parse_file_map(self.source.read(i), where)  # (N, 4) bytes names, their line numbers
-        members = {kind: resolve_names(kind, names[:, col], lines, self.prefix, self.source.find, where)
-                   for col, kind in enumerate(FOLDERS)}
+        members = {
+            kind: resolve_names(kind, names[:, col], lines, self.prefix, self.source.find, where)
+            for col, kind in enumerate(FOLDERS)
+        }
         bg_members, self.bg_ids = np.unique(members["bg"], return_inverse=True)
         self.bg_members = bg_members  # (n_bg,) member index of each background
         self.sample_members = np.stack([members["bg_fg"], members["mask"], members["depth"]], 1)  # (N, 3)
@@ -266,7 +276,7 @@ class ModestDataset(Dataset):
         self.bg_shapes: np.ndarray | None = None  # (n_bg, 2) original sizes, set by `load_backgrounds` (GPU mode)
         self.bg_errors: dict[int, str] = {}  # backgrounds that could not be read, by id (GPU mode)
 
-    def subset(self, split: str, augment: bool = False) -> "ModestDataset":
+    def subset(self, split: str, augment: bool = False) -> ModestDataset:
         """The same dataset seen through another split; shares the index (nothing is read again)."""
         if split not in ("all", "train", "val"):
             raise UserError(f"split must be all, train or val, not {split!r}")
@@ -432,8 +442,10 @@ def stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
     out = torch.empty((len(images), h, w, c), dtype=images[0].dtype)  # (B, H, W, C)
     for i, image in enumerate(images):
         if image.shape != (c, h, w):
-            raise UserError(f"cannot batch images of sizes {tuple(images[0].shape)} and {tuple(image.shape)}; "
-                            "set image_size (--image-size) to bring them to one size")
+            raise UserError(
+                f"cannot batch images of sizes {tuple(images[0].shape)} and {tuple(image.shape)}; "
+                "set image_size (--image-size) to bring them to one size"
+            )
         out[i].copy_(image.permute(1, 2, 0))
     return out.permute(0, 3, 1, 2)  # (B, C, H, W) view, channels-last strides
 
@@ -537,7 +549,9 @@ class ThreadLoader:
         if num_workers < 1:
             raise UserError(f"ThreadLoader needs at least one worker thread, not {num_workers}")
         self.dataset = dataset
-        self.sampler = sampler if sampler is not None else (RandomSampler(dataset) if shuffle else SequentialSampler(dataset))
+        self.sampler = (
+            sampler if sampler is not None else (RandomSampler(dataset) if shuffle else SequentialSampler(dataset))
+        )
         self.batch_sampler = BatchSampler(self.sampler, batch_size, drop_last)
         self.batch_size, self.drop_last = batch_size, drop_last
         self.num_workers = num_workers
@@ -631,7 +645,9 @@ class DeviceLoader:
         self._mean = {key: torch.tensor(m, device=self.device).view(1, 3, 1, 1) * 255 for key, (m, _) in STATS.items()}
         self._std = {key: torch.tensor(sd, device=self.device).view(1, 3, 1, 1) * 255 for key, (_, sd) in STATS.items()}
         self._luts = None
-        if self.device.type == "cpu" and cv2 is not None:  # uint8 -> float as one table look-up per pixel (same numbers)
+        if (
+            self.device.type == "cpu" and cv2 is not None
+        ):  # uint8 -> float as one table look-up per pixel (same numbers)
             levels = torch.arange(256, dtype=torch.float32).view(1, 1, 256, 1)  # (1, 1, 256, 1)
             tables = {key: ((levels - self._mean[key]) / self._std[key])[0] for key in ("bg", "bg_fg")}  # (3, 256, 1)
             tables["depth"] = (levels / 255.0)[0]  # (1, 256, 1)
@@ -909,7 +925,11 @@ def resolve_decode(decode: str, device: torch.device, dataset: ModestDataset) ->
         if not device_decoder_works(device):
             raise UserError("decode='device': torchvision's GPU JPEG decoder does not work here; use decode='cpu'")
         return True
-    return torch.cuda.get_device_capability(device) >= (8, 0) and dataset.members_are_jpeg() and device_decoder_works(device)
+    return (
+        torch.cuda.get_device_capability(device) >= (8, 0)
+        and dataset.members_are_jpeg()
+        and device_decoder_works(device)
+    )
 
 
 def default_device() -> torch.device:
@@ -980,8 +1000,16 @@ def make_loader(
     kind = DEFAULT_LOADER if loader == "auto" else loader
     shuffle = shuffle and sampler is None  # an explicit sampler decides the order
     if kind == "threads" and workers > 0:
-        inner = ThreadLoader(source, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                             drop_last=drop_last, num_workers=workers, collate_fn=collate, pin_memory=pin)
+        inner = ThreadLoader(
+            source,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=pin,
+        )
     else:
         inner = DataLoader(
             source,
@@ -996,9 +1024,16 @@ def make_loader(
             prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=_seed_worker,
         )
-    device_loader = DeviceLoader(inner, device, skip_bad_samples=skip_bad_samples, dataset=dataset, backgrounds=backgrounds,
-                                 augment=mode == "gpu" and dataset.augment is not None, decode_on_device=encoded,
-                                 ahead=(2 if device.type == "cuda" else 0) if ahead is None else ahead)
+    device_loader = DeviceLoader(
+        inner,
+        device,
+        skip_bad_samples=skip_bad_samples,
+        dataset=dataset,
+        backgrounds=backgrounds,
+        augment=mode == "gpu" and dataset.augment is not None,
+        decode_on_device=encoded,
+        ahead=(2 if device.type == "cuda" else 0) if ahead is None else ahead,
+    )
     if isinstance(inner, ThreadLoader) and device.type == "cpu" and mode == "cpu":
         inner.finish = device_loader.finish_batch  # on the CPU the float conversion is work: spread it over the threads
     return device_loader
@@ -1026,8 +1061,16 @@ def make_loaders(
         raise UserError(f"batch_size must be at least 1, not {batch_size}")
     dataset = ModestDataset(root, "all", image_size, False, val_fraction, split_by, seed)
     train_set, val_set = dataset.subset("train", augment), dataset.subset("val")
-    common = dict(batch_size=batch_size, num_workers=num_workers, device=device, skip_bad_samples=skip_bad_samples,
-                  loader=loader, data_mode=data_mode, decode=decode, ahead=ahead)
+    common = dict(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        skip_bad_samples=skip_bad_samples,
+        loader=loader,
+        data_mode=data_mode,
+        decode=decode,
+        ahead=ahead,
+    )
     return make_loader(train_set, shuffle=True, drop_last=len(train_set) > batch_size, **common), make_loader(
         val_set, shuffle=False, **common
     )

@@ -16,6 +16,7 @@ we never hand gdown a finished file: we check for it ourselves first. gdown 5.x 
 resumes with the same file names but has no retries/timeout/hasher and does not check the 206 answer;
 verification catches a bad splice there (the zip is then deleted and fetched afresh).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -136,8 +137,16 @@ def get_modest(
         return done
     part = _part_path(final)
     digest = copy_file(src, part, progress=progress)
-    return _promote(part, final, entry, quick=quick, progress=progress, sha256=digest, action="copied and verified",
-                    hint=f"deleted the copy: {src} itself is damaged, get another copy of it")
+    return _promote(
+        part,
+        final,
+        entry,
+        quick=quick,
+        progress=progress,
+        sha256=digest,
+        action="copied and verified",
+        hint=f"deleted the copy: {src} itself is damaged, get another copy of it",
+    )
 
 
 def download_modest(
@@ -166,8 +175,16 @@ def download_modest(
         if url is None and URL_ENV not in os.environ:  # the real dataset: make sure 6.6 GB fit first
             _check_free_space(out, (entry["size"] or entry["approx_bytes"]) - _partial_size(part))
         digest = fetch_url(source, part, retries=retries, timeout=timeout, progress=progress)
-    return _promote(part, final, entry, quick=quick, progress=progress, sha256=digest, action="downloaded and verified",
-                    hint="deleted it, run the same command again to download it afresh")
+    return _promote(
+        part,
+        final,
+        entry,
+        quick=quick,
+        progress=progress,
+        sha256=digest,
+        action="downloaded and verified",
+        hint="deleted it, run the same command again to download it afresh",
+    )
 
 
 def fetch_url(url: str, part: Path, *, retries: int = 3, timeout: float = 60.0, progress: bool = True) -> str | None:
@@ -206,9 +223,13 @@ def copy_file(src: Path, part: Path, *, progress: bool = True) -> str:
     _check_free_space(part.parent, total - have)
     hasher = hashlib.sha256()
     try:
-        with open(src, "rb") as fin, open(part, "ab") as fout, tqdm(
-            total=total, initial=have, unit="B", unit_scale=True, desc=f"copy {src.name}", disable=not progress
-        ) as bar:
+        with (
+            open(src, "rb") as fin,
+            open(part, "ab") as fout,
+            tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=f"copy {src.name}", disable=not progress
+            ) as bar,
+        ):
             with open(part, "rb") as done:  # the bytes copied by an earlier, interrupted run
                 for block in iter(lambda: done.read(_COPY_CHUNK), b""):
                     hasher.update(block)
@@ -238,7 +259,9 @@ def _gdown_partials(part: Path) -> list[Path]:
     """gdown's temporary files for output `part`: its name + 8 random characters + '.part' (gdown 5 and 6)."""
     if not part.parent.is_dir():
         return []
-    return sorted(p for p in part.parent.iterdir() if p.name.startswith(part.name) and p.name.endswith(".part") and p != part)
+    return sorted(
+        p for p in part.parent.iterdir() if p.name.startswith(part.name) and p.name.endswith(".part") and p != part
+    )
 
 
 def _keep_largest_partial(part: Path) -> None:
@@ -265,7 +288,9 @@ def _finish_existing(path: Path, entry: dict, *, quick: bool, progress: bool, ac
     if done is not None:
         return done
     try:
-        report = verify_zip(path, quick=quick, expected_size=entry["size"], expected_sha256=entry["sha256"], progress=progress)
+        report = verify_zip(
+            path, quick=quick, expected_size=entry["size"], expected_sha256=entry["sha256"], progress=progress
+        )
     except DataError as exc:
         stamp_path(path).unlink(missing_ok=True)
         raise DataError(f"{exc}; delete it (or use another copy) and run again") from None
@@ -385,7 +410,9 @@ def _reject_web_page(part: Path, url: str) -> None:
 # Verification
 
 
-def verify_path(path: str | os.PathLike, *, quick: bool = False, progress: bool = True) -> tuple[VerifyReport, Path | None]:
+def verify_path(
+    path: str | os.PathLike, *, quick: bool = False, progress: bool = True
+) -> tuple[VerifyReport, Path | None]:
     """Verify a MODEST zip (stamped when it passes) or folder; return the report and the stamp written (if any)."""
     path = Path(path).expanduser()
     if path.is_dir():
@@ -444,19 +471,25 @@ def verify_zip(
     if quick and len(members) > sample:
         members = np.sort(np.random.default_rng().choice(len(index), sample, replace=False))
     _check_crcs(index, members, path, progress)
-    checks["crc"] = f"all {len(index):,} members" if len(members) == len(index) else f"random {len(members):,} of {len(index):,}"
+    checks["crc"] = (
+        f"all {len(index):,} members" if len(members) == len(index) else f"random {len(members):,} of {len(index):,}"
+    )
     index.close()
     sha256 = known_sha256
     if expected_sha256 is not None:
         if sha256 is None:
             sha256 = hash_file(path, progress=progress)
         if sha256 != expected_sha256.lower():
-            raise DataError(f"{path}: sha256 {sha256} differs from the expected {expected_sha256} (a different or damaged file)")
+            raise DataError(
+                f"{path}: sha256 {sha256} differs from the expected {expected_sha256} (a different or damaged file)"
+            )
         checks["sha256"] = "as expected"
     return VerifyReport(path, "zip", prefix, len(names), len(index), checks, sha256)
 
 
-def verify_folder(path: str | os.PathLike, *, quick: bool = False, sample: int = QUICK_SAMPLE, progress: bool = True) -> VerifyReport:
+def verify_folder(
+    path: str | os.PathLike, *, quick: bool = False, sample: int = QUICK_SAMPLE, progress: bool = True
+) -> VerifyReport:
     """Check a MODEST folder: file_map.txt, every name in it present, and each such file a whole JPEG/PNG (or a sample)."""
     path = Path(path)
     prefix = _find_prefix(None, path)
@@ -475,20 +508,32 @@ def verify_folder(path: str | os.PathLike, *, quick: bool = False, sample: int =
             pass  # reported below as the first missing file
     listing.sort()
     present = np.array(listing, dtype=f"S{max([len(n) for n in listing] + [1])}")
+
     def find(paths: np.ndarray) -> np.ndarray:
         return find_sorted(present, paths)
 
-    files = [present[resolve_names(kind, names[:, col], lines, "", find, str(root / FILE_MAP))] for col, kind in enumerate(FOLDERS)]
+    files = [
+        present[resolve_names(kind, names[:, col], lines, "", find, str(root / FILE_MAP))]
+        for col, kind in enumerate(FOLDERS)
+    ]
     files = np.unique(np.concatenate(files))
     checks = {"file_map": f"{len(names):,} samples, every listed file present"}
     todo = files
     if quick and len(files) > sample:
         todo = np.sort(np.random.default_rng().choice(files, sample, replace=False))
-    bad = [name for name in tqdm(todo, desc=f"check {path.name}", unit="file", disable=not progress) if not _whole_image(root / name.decode())]
+    bad = [
+        name
+        for name in tqdm(todo, desc=f"check {path.name}", unit="file", disable=not progress)
+        if not _whole_image(root / name.decode())
+    ]
     if bad:
         more = f" ({len(bad) - 1} more)" if len(bad) > 1 else ""
         raise DataError(f"{root / bad[0].decode()}: not a whole JPEG/PNG (empty, truncated or corrupt){more}")
-    checks["images"] = f"all {len(files):,} whole JPEG/PNG" if len(todo) == len(files) else f"random {len(todo):,} of {len(files):,} whole JPEG/PNG"
+    checks["images"] = (
+        f"all {len(files):,} whole JPEG/PNG"
+        if len(todo) == len(files)
+        else f"random {len(todo):,} of {len(files):,} whole JPEG/PNG"
+    )
     return VerifyReport(path, "folder", prefix, len(names), len(files), checks)
 
 
@@ -506,7 +551,12 @@ def count_samples(path: str | os.PathLike) -> int:
 def hash_file(path: Path, *, progress: bool = True) -> str:
     """sha256 of a file, with a progress bar."""
     hasher = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=not progress) as bar:
+    with (
+        open(path, "rb") as f,
+        tqdm(
+            total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", disable=not progress
+        ) as bar,
+    ):
         for block in iter(lambda: f.read(_COPY_CHUNK), b""):
             hasher.update(block)
             bar.update(len(block))
@@ -538,7 +588,9 @@ def _check_crcs(index: ZipIndex, members: np.ndarray, path: Path, progress: bool
     """CRC-32 of `members` against the central directory; DataError naming the first damaged member."""
     bad: list[tuple[int, str]] = []
     done = 0
-    with tqdm(total=int(index.usizes[members].sum()), unit="B", unit_scale=True, desc=f"CRC {path.name}", disable=not progress) as bar:
+    with tqdm(
+        total=int(index.usizes[members].sum()), unit="B", unit_scale=True, desc=f"CRC {path.name}", disable=not progress
+    ) as bar:
         for k, i in enumerate(members):
             try:
                 if not index.check_crc(int(i)):
@@ -658,11 +710,15 @@ def extract_zip(zip_path: str | os.PathLike, out: str | os.PathLike, *, progress
             raise DataError(f"{zip_path}: refusing to extract the unsafe member name {member!r}")
     for folder in sorted({os.path.dirname(m) for m in members} - {""}):
         (tmp / folder).mkdir(parents=True, exist_ok=True)
-    with tqdm(total=int(index.usizes.sum()), unit="B", unit_scale=True, desc=f"extract {zip_path.name}", disable=not progress) as bar:
+    with tqdm(
+        total=int(index.usizes.sum()), unit="B", unit_scale=True, desc=f"extract {zip_path.name}", disable=not progress
+    ) as bar:
         for i, member in enumerate(members):
             data = index.read(i)
             if zlib.crc32(data) & 0xFFFFFFFF != int(index.crcs[i]):
-                raise DataError(f"{zip_path}: member {member} is damaged (CRC mismatch); extraction stopped, nothing was put in place")
+                raise DataError(
+                    f"{zip_path}: member {member} is damaged (CRC mismatch); extraction stopped, nothing was put in place"
+                )
             with open(tmp / member, "wb") as f:
                 f.write(data)
             bar.update(len(data))

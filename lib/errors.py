@@ -1,10 +1,11 @@
 """User-facing errors and the command-line wrapper that turns them into one clear line."""
+
 from __future__ import annotations
 
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 class UserError(Exception):

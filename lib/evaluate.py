@@ -1,13 +1,14 @@
 """Evaluate a checkpoint on any MODEST-format folder or zip; the last stdout line is one JSON object.
 
-    python -m lib.evaluate --checkpoint runs/demo/best.pt --data data/heldout --split all --baseline
+python -m lib.evaluate --checkpoint runs/demo/best.pt --data data/heldout --split all --baseline
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -47,7 +48,9 @@ def evaluate_baseline(loader, thresholds: Sequence[float] = BASELINE_THRESHOLDS)
 
 def build_parser() -> argparse.ArgumentParser:
     """The evaluate command's arguments."""
-    p = argparse.ArgumentParser(prog="python -m lib.evaluate", description="Evaluate a checkpoint on MODEST-format data.")
+    p = argparse.ArgumentParser(
+        prog="python -m lib.evaluate", description="Evaluate a checkpoint on MODEST-format data."
+    )
     p.add_argument("--checkpoint", required=True, help="best.pt or last.pt from lib.train")
     p.add_argument("--data", required=True, help="a MODEST folder or zip")
     p.add_argument("--split", default="all", help="all, val or train (val/train use the checkpoint's split settings)")
@@ -74,14 +77,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if size is not None and size % multiple:
         raise UserError(f"--image-size {size} does not work for {cfg['model']}: use a multiple of {multiple}")
     dataset = ModestDataset(args.data, args.split, size, False, cfg["val_fraction"], cfg["split_by"], cfg["seed"])
-    loader = make_loader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, device=device,
-                         skip_bad_samples=args.skip_bad_samples)
+    loader = make_loader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.workers,
+        device=device,
+        skip_bad_samples=args.skip_bad_samples,
+    )
     amp_dtype = autocast_dtype(device, cfg.get("amp", True))
     result = evaluate(model, loader, None, device, amp_dtype=amp_dtype)
     if args.baseline:
         result.update(evaluate_baseline(loader))
-    result.update(model=cfg["model"], checkpoint=str(args.checkpoint), data=str(args.data), split=args.split, image_size=size,
-                  epoch=state["epoch"])
+    result.update(
+        model=cfg["model"],
+        checkpoint=str(args.checkpoint),
+        data=str(args.data),
+        split=args.split,
+        image_size=size,
+        epoch=state["epoch"],
+    )
     if loader.skipped:
         result["skipped"] = [name for name, _ in loader.skipped]
     print(json.dumps(result))

@@ -4,9 +4,10 @@ Every function computes in float32 (inputs are cast with .float(), autocast is o
 so losses stay accurate when the forward pass ran under torch.autocast.
 Mask terms only ever see outputs["mask"] vs batch["mask"]; depth terms only outputs["depth"] vs batch["depth"].
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

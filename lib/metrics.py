@@ -4,6 +4,7 @@ Depth also gets RMSE and delta1 after one least-squares scale per image (`depth_
 `depth_delta1_scaled`): how right the depth's shape is when the room's absolute size, which a single
 photo only hints at, is set aside.
 """
+
 from __future__ import annotations
 
 import math
@@ -176,8 +177,17 @@ def classical_mask_baseline(bg: torch.Tensor, bg_fg: torch.Tensor, threshold: fl
 # ---------------------------------------------------------------- accumulator
 
 MASK_FIELDS = ("samples", "iou_sum", "dice_sum", "intersection", "union")
-DEPTH_FIELDS = ("pixels", "squared_error", "absolute_error", "absrel_sum", "valid_pixels", "delta1_hits", "ssim_sum",
-                "scaled_squared_error", "scaled_delta1_hits")
+DEPTH_FIELDS = (
+    "pixels",
+    "squared_error",
+    "absolute_error",
+    "absrel_sum",
+    "valid_pixels",
+    "delta1_hits",
+    "ssim_sum",
+    "scaled_squared_error",
+    "scaled_delta1_hits",
+)
 
 
 class Metrics:

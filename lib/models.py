@@ -1,4 +1,5 @@
 """MaskNet and DepthNet: two-image (bg, bg_fg) networks that return raw outputs (logits, depth)."""
+
 from __future__ import annotations
 
 import torch
@@ -136,9 +137,7 @@ class DepthNet(nn.Module):
         check_pair(bg, bg_fg, self.size_multiple)
         bg_features = self.bg_stem(bg)  # (B, 16, H, W)
         bg_fg_features = self.bg_fg_stem(bg_fg)  # (B, 16, H, W)
-        x3 = torch.cat(
-            [self.bg_encoder(bg_features), self.bg_fg_encoder(bg_fg_features)], dim=1
-        )  # (B, 32, H/2, W/2)
+        x3 = torch.cat([self.bg_encoder(bg_features), self.bg_fg_encoder(bg_fg_features)], dim=1)  # (B, 32, H/2, W/2)
         x4 = self.encoder4(x3)  # (B, 64, H/4, W/4)
         x5 = self.encoder5(x4)  # (B, 128, H/8, W/8)
         x6 = self.encoder6(x5)  # (B, 256, H/16, W/16)

@@ -1,14 +1,20 @@
 """The MODEST format without torch (so data_download.py starts fast): parsing `file_map.txt`, finding its files."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from .errors import DataError
 
 FILE_MAP = "file_map.txt"
-FOLDERS = {"bg": "bg/", "bg_fg": "bg_fg/", "mask": "bg_fg_mask/", "depth": "bg_fg_depth_map/"}  # file_map column -> folder
+FOLDERS = {
+    "bg": "bg/",
+    "bg_fg": "bg_fg/",
+    "mask": "bg_fg_mask/",
+    "depth": "bg_fg_depth_map/",
+}  # file_map column -> folder
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 
@@ -36,8 +42,9 @@ def parse_file_map(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(rows, dtype=f"S{width}"), np.array(lines, dtype=np.int64)
 
 
-def resolve_names(kind: str, names: np.ndarray, lines: np.ndarray, prefix: str,
-                  find: Callable[[np.ndarray], np.ndarray], where: str) -> np.ndarray:
+def resolve_names(
+    kind: str, names: np.ndarray, lines: np.ndarray, prefix: str, find: Callable[[np.ndarray], np.ndarray], where: str
+) -> np.ndarray:
     """Where `find` places prefix + FOLDERS[kind] + each name + the first image extension present; DataError naming
     `where` and the file_map line of the first missing file. `find` maps bytes paths to indices, -1 where absent."""
     uniq, inverse = np.unique(names, return_inverse=True)  # 100 backgrounds are listed 400,000 times
@@ -53,5 +60,7 @@ def resolve_names(kind: str, names: np.ndarray, lines: np.ndarray, prefix: str,
     if len(missing):
         first = missing[0]
         more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
-        raise DataError(f"{where} line {lines[first]}: {kind} file {FOLDERS[kind]}{names[first].decode()}.jpeg not found{more}")
+        raise DataError(
+            f"{where} line {lines[first]}: {kind} file {FOLDERS[kind]}{names[first].decode()}.jpeg not found{more}"
+        )
     return found

@@ -1,7 +1,8 @@
 """Figures as pure matplotlib: every function returns a Figure and trains nothing."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -58,10 +59,17 @@ def predict_samples(model: torch.nn.Module, samples: Sequence[dict], device="cpu
 
 def plot_predictions(samples: Sequence[dict], mask_probs: torch.Tensor, depth: torch.Tensor | None = None) -> Figure:
     """bg | bg_fg | true mask | predicted mask | true depth | predicted depth, one row per sample."""
-    columns = ["bg", "bg_fg", "true mask", "predicted mask"] + (["true depth", "predicted depth"] if depth is not None else [])
+    columns = ["bg", "bg_fg", "true mask", "predicted mask"] + (
+        ["true depth", "predicted depth"] if depth is not None else []
+    )
     fig, axes = plt.subplots(len(samples), len(columns), figsize=(2 * len(columns), 2.1 * len(samples)), squeeze=False)
     for row, sample in enumerate(samples):
-        panels = [(sample["bg"], None), (sample["bg_fg"], None), (sample["mask"].float(), "gray"), (mask_probs[row], "gray")]
+        panels = [
+            (sample["bg"], None),
+            (sample["bg_fg"], None),
+            (sample["mask"].float(), "gray"),
+            (mask_probs[row], "gray"),
+        ]
         if depth is not None:
             panels += [(sample["depth"], DEPTH_CMAP), (depth[row], DEPTH_CMAP)]
         for col, (img, cmap) in enumerate(panels):

@@ -23,13 +23,14 @@ without one, DepthNet rounds each side to a multiple of 32) and the outputs resi
 From a notebook: `model, state = lib.train.load_model(path)`, then
 `predict_pair(model, bg_rgb, bg_fg_rgb, state["config"]["image_size"])` with HxWx3 uint8 RGB arrays.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -92,16 +93,19 @@ def predict_batch(
         raise UserError(f"expected as many bg as bg_fg images (at least one), got {len(bg_rgbs)} and {len(bg_fg_rgbs)}")
     if len(shapes) > 1:
         (h1, w1, _), (h2, w2, _) = sorted(shapes)[:2]
-        raise UserError(f"bg and bg_fg images must all be one size, got {w1}x{h1} and {w2}x{h2}: "
-                        "take both photos with the same camera and size")
+        raise UserError(
+            f"bg and bg_fg images must all be one size, got {w1}x{h1} and {w2}x{h2}: "
+            "take both photos with the same camera and size"
+        )
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     height, width = np.shape(bg_rgbs[0])[:2]
     size_h, size_w = model_input_size(height, width, image_size, _model_multiple(model))
 
     def batch(images, key) -> torch.Tensor:
-        return torch.cat([_normalise(_resize(np.asarray(i), size_h, size_w), key, device, param.dtype)
-                          for i in images])  # (N, 3, h, w)
+        return torch.cat(
+            [_normalise(_resize(np.asarray(i), size_h, size_w), key, device, param.dtype) for i in images]
+        )  # (N, 3, h, w)
 
     model.eval()
     outputs = as_outputs(model(batch(bg_rgbs, "bg"), batch(bg_fg_rgbs, "bg_fg")))
@@ -130,8 +134,10 @@ def predict_pair(
     _check_rgb("bg", bg_rgb)
     _check_rgb("bg_fg", bg_fg_rgb)
     if bg_rgb.shape != bg_fg_rgb.shape:
-        raise UserError(f"bg is {bg_rgb.shape[1]}x{bg_rgb.shape[0]} but bg_fg is {bg_fg_rgb.shape[1]}x{bg_fg_rgb.shape[0]}: "
-                        "take both photos with the same camera and size")
+        raise UserError(
+            f"bg is {bg_rgb.shape[1]}x{bg_rgb.shape[0]} but bg_fg is {bg_fg_rgb.shape[1]}x{bg_fg_rgb.shape[0]}: "
+            "take both photos with the same camera and size"
+        )
     mask_probs, depth = predict_batch(model, [bg_rgb], [bg_fg_rgb], image_size, device)
     return mask_probs[0], None if depth is None else depth[0]
 
@@ -153,8 +159,13 @@ def colour_depth(depth: np.ndarray) -> np.ndarray:
     return (colormaps[DEPTH_CMAP](np.clip(depth, 0, 1))[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
-def plot_prediction(bg_rgb: np.ndarray, bg_fg_rgb: np.ndarray, mask_prob: np.ndarray, depth: np.ndarray | None = None,
-                    title: str | None = None):
+def plot_prediction(
+    bg_rgb: np.ndarray,
+    bg_fg_rgb: np.ndarray,
+    mask_prob: np.ndarray,
+    depth: np.ndarray | None = None,
+    title: str | None = None,
+):
     """bg | bg_fg | predicted mask | predicted depth (when given), side by side; returns a Figure."""
     import matplotlib.pyplot as plt
 
@@ -205,8 +216,11 @@ def _write_png(path: Path, img: np.ndarray) -> None:
 
 def _images_in(folder: Path) -> list[Path]:
     """Image files directly inside `folder`, sorted; UserError if there are none."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
     if not files:
         raise UserError(f"{folder}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
     return files
@@ -233,19 +247,30 @@ def find_pairs(bg: str | os.PathLike, bg_fg: str | os.PathLike) -> list[tuple[Pa
             prefixes = [stem for stem in rooms if shot.stem.startswith(stem + "_")]
             room = rooms[max(prefixes, key=len)] if prefixes else None
         if room is None:
-            raise UserError(f"{shot}: no background for it in {bg} (expected {shot.stem}.jpg or a name that "
-                            f"starts it followed by '_')")
+            raise UserError(
+                f"{shot}: no background for it in {bg} (expected {shot.stem}.jpg or a name that "
+                f"starts it followed by '_')"
+            )
         pairs.append((room, shot))
     return pairs
 
 
-def predict_files(model: torch.nn.Module, image_size: int | None, bg_path: Path, bg_fg_path: Path, out: Path,
-                  device: torch.device | str | None = None, figure: bool = True) -> list[Path]:
+def predict_files(
+    model: torch.nn.Module,
+    image_size: int | None,
+    bg_path: Path,
+    bg_fg_path: Path,
+    out: Path,
+    device: torch.device | str | None = None,
+    figure: bool = True,
+) -> list[Path]:
     """Predict one pair of image files and write the outputs into `out`; return the files written."""
     bg, bg_fg = read_rgb(bg_path), read_rgb(bg_fg_path)
     if bg.shape != bg_fg.shape:
-        raise UserError(f"{bg_fg_path}: {bg_fg.shape[1]}x{bg_fg.shape[0]} but its background {bg_path} is "
-                        f"{bg.shape[1]}x{bg.shape[0]}; bg and bg_fg must be the same size")
+        raise UserError(
+            f"{bg_fg_path}: {bg_fg.shape[1]}x{bg_fg.shape[0]} but its background {bg_path} is "
+            f"{bg.shape[1]}x{bg.shape[0]}; bg and bg_fg must be the same size"
+        )
     mask_prob, depth = predict_pair(model, bg, bg_fg, image_size, device)
     out.mkdir(parents=True, exist_ok=True)
     name = bg_fg_path.stem
@@ -271,9 +296,12 @@ def predict_files(model: torch.nn.Module, image_size: int | None, bg_path: Path,
 
 def build_parser() -> argparse.ArgumentParser:
     """The predict command's arguments."""
-    p = argparse.ArgumentParser(prog="python -m lib.predict", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m lib.predict",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1],
+    )
     p.add_argument("--checkpoint", required=True, help="best.pt or last.pt from lib.train")
     p.add_argument("--bg", required=True, help="the empty scene: an image file, or a folder of them")
     p.add_argument("--bg-fg", required=True, help="the scene with the person: an image file, or a folder of them")

@@ -22,6 +22,7 @@ is streamed into `<out>.partial` and renamed (a re-run restarts it).
 Run (a full-size MODEST twin, 400,000 samples at 224 px):
     python -c "from lib.synthetic import make_synthetic_dataset as m; m('data/synthetic')"
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -32,10 +33,10 @@ import os
 import shutil
 import struct
 import zipfile
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -60,6 +61,7 @@ _TABLE = 4096  # size of the per-room random table used as a hash for tiles, pla
 # Camera and room geometry
 # ----------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Camera:
     """A pinhole camera: world x right, y up (floor at y=0), z into the room; image v grows downwards."""
@@ -70,7 +72,7 @@ class Camera:
     rotation: np.ndarray  # (3, 3) camera -> world; columns are the camera's right, up and forward axes
 
     @classmethod
-    def make(cls, size, fov_deg, origin, pitch_deg, yaw_deg) -> "Camera":
+    def make(cls, size, fov_deg, origin, pitch_deg, yaw_deg) -> Camera:
         """Camera of square image `size` with field of view `fov_deg`, tilted down by pitch, turned right by yaw."""
         p, y = math.radians(pitch_deg), math.radians(yaw_deg)
         pitch = np.array([[1, 0, 0], [0, math.cos(p), -math.sin(p)], [0, math.sin(p), math.cos(p)]])
@@ -129,14 +131,34 @@ def _trace(camera: Camera, dims, rays) -> tuple[np.ndarray, np.ndarray]:
 # Room appearance
 # ----------------------------------------------------------------------------------------------------------
 
-_WALL_PALETTE = np.array([
-    [236, 232, 222], [225, 220, 205], [200, 200, 196], [214, 205, 186], [170, 60, 55], [52, 70, 110],
-    [60, 100, 80], [196, 160, 90], [120, 120, 125], [240, 240, 240], [150, 110, 90], [90, 120, 140],
-]) / 255.0
-_WOOD_PALETTE = np.array([[176, 128, 78], [140, 92, 52], [110, 70, 42], [196, 160, 112], [150, 140, 128],
-                          [88, 56, 38]]) / 255.0
-_STONE_PALETTE = np.array([[230, 226, 218], [60, 58, 56], [180, 170, 150], [150, 150, 150], [200, 190, 180],
-                           [120, 100, 80], [40, 50, 60]]) / 255.0
+_WALL_PALETTE = (
+    np.array(
+        [
+            [236, 232, 222],
+            [225, 220, 205],
+            [200, 200, 196],
+            [214, 205, 186],
+            [170, 60, 55],
+            [52, 70, 110],
+            [60, 100, 80],
+            [196, 160, 90],
+            [120, 120, 125],
+            [240, 240, 240],
+            [150, 110, 90],
+            [90, 120, 140],
+        ]
+    )
+    / 255.0
+)
+_WOOD_PALETTE = (
+    np.array([[176, 128, 78], [140, 92, 52], [110, 70, 42], [196, 160, 112], [150, 140, 128], [88, 56, 38]]) / 255.0
+)
+_STONE_PALETTE = (
+    np.array(
+        [[230, 226, 218], [60, 58, 56], [180, 170, 150], [150, 150, 150], [200, 190, 180], [120, 100, 80], [40, 50, 60]]
+    )
+    / 255.0
+)
 
 
 def _jitter(rng, color, amount=0.06) -> np.ndarray:
@@ -155,8 +177,13 @@ def _make_painting(rng) -> dict:
     colors = [_random_color(rng) for _ in range(6)]
     p = {"kind": kind, "colors": colors}
     if kind == 0:  # landscape
-        p.update(horizon=rng.uniform(0.35, 0.7), amp=rng.uniform(0.02, 0.1), freq=rng.uniform(0.5, 2.5),
-                 phase=rng.random(), sun=(rng.uniform(0.15, 0.85), rng.uniform(0.1, 0.3), rng.uniform(0.04, 0.1)))
+        p.update(
+            horizon=rng.uniform(0.35, 0.7),
+            amp=rng.uniform(0.02, 0.1),
+            freq=rng.uniform(0.5, 2.5),
+            phase=rng.random(),
+            sun=(rng.uniform(0.15, 0.85), rng.uniform(0.1, 0.3), rng.uniform(0.04, 0.1)),
+        )
     elif kind == 1:  # abstract blobs
         p.update(blobs=[(rng.random(), rng.random(), rng.uniform(0.1, 0.35)) for _ in range(4)])
     else:  # colour fields
@@ -191,17 +218,33 @@ def _make_wall_items(rng, length, height, wainscot) -> list[dict]:
     while True:
         if rng.random() < 0.12:
             w = rng.uniform(0.9, 1.4)
-            item = {"kind": "door", "a0": a, "a1": a + w, "y0": 0.0, "y1": min(rng.uniform(2.0, 2.4), height - 0.3),
-                    "color": _jitter(rng, _WOOD_PALETTE[rng.integers(len(_WOOD_PALETTE))], 0.15)}
+            item = {
+                "kind": "door",
+                "a0": a,
+                "a1": a + w,
+                "y0": 0.0,
+                "y1": min(rng.uniform(2.0, 2.4), height - 0.3),
+                "color": _jitter(rng, _WOOD_PALETTE[rng.integers(len(_WOOD_PALETTE))], 0.15),
+            }
         else:
             w = rng.uniform(0.4, 2.2)
             h = rng.uniform(0.35, min(1.6, height - 1.4))
             bottom = max(wainscot + 0.15, rng.uniform(1.6, 1.9) - h / 2)
-            item = {"kind": "picture", "a0": a, "a1": a + w, "y0": bottom, "y1": min(bottom + h, height - 0.2),
-                    "frame": rng.uniform(0.03, 0.1), "mat": rng.uniform(0.0, 0.08),
-                    "frame_color": _jitter(rng, [(0.75, 0.6, 0.25), (0.1, 0.08, 0.07), (0.45, 0.3, 0.18),
-                                                 (0.9, 0.9, 0.88)][rng.integers(4)], 0.1),
-                    "painting": _make_painting(rng)}
+            item = {
+                "kind": "picture",
+                "a0": a,
+                "a1": a + w,
+                "y0": bottom,
+                "y1": min(bottom + h, height - 0.2),
+                "frame": rng.uniform(0.03, 0.1),
+                "mat": rng.uniform(0.0, 0.08),
+                "frame_color": _jitter(
+                    rng,
+                    [(0.75, 0.6, 0.25), (0.1, 0.08, 0.07), (0.45, 0.3, 0.18), (0.9, 0.9, 0.88)][rng.integers(4)],
+                    0.1,
+                ),
+                "painting": _make_painting(rng),
+            }
         if item["a1"] > length - 0.3:
             break
         if rng.random() < 0.8:
@@ -218,16 +261,35 @@ def _make_look(rng, dims) -> dict:
     if kind == "tiles":
         c1 = _jitter(rng, _STONE_PALETTE[rng.integers(len(_STONE_PALETTE))])
         c2 = c1 if rng.random() < 0.5 else _jitter(rng, _STONE_PALETTE[rng.integers(len(_STONE_PALETTE))])
-        floor = {"kind": kind, "c1": c1, "c2": c2, "tile": rng.uniform(0.3, 1.0), "grout": rng.uniform(0.005, 0.02),
-                 "grout_color": _jitter(rng, [0.5, 0.5, 0.48]), "vary": rng.uniform(0.02, 0.12),
-                 "diagonal": bool(rng.random() < 0.25)}
+        floor = {
+            "kind": kind,
+            "c1": c1,
+            "c2": c2,
+            "tile": rng.uniform(0.3, 1.0),
+            "grout": rng.uniform(0.005, 0.02),
+            "grout_color": _jitter(rng, [0.5, 0.5, 0.48]),
+            "vary": rng.uniform(0.02, 0.12),
+            "diagonal": bool(rng.random() < 0.25),
+        }
     elif kind == "planks":
-        floor = {"kind": kind, "c1": _jitter(rng, _WOOD_PALETTE[rng.integers(len(_WOOD_PALETTE))], 0.1),
-                 "plank": rng.uniform(0.1, 0.25), "length": rng.uniform(0.8, 2.5), "along_z": bool(rng.random() < 0.6),
-                 "seam": rng.uniform(0.002, 0.006), "vary": rng.uniform(0.08, 0.25), "grain": rng.uniform(8, 30)}
+        floor = {
+            "kind": kind,
+            "c1": _jitter(rng, _WOOD_PALETTE[rng.integers(len(_WOOD_PALETTE))], 0.1),
+            "plank": rng.uniform(0.1, 0.25),
+            "length": rng.uniform(0.8, 2.5),
+            "along_z": bool(rng.random() < 0.6),
+            "seam": rng.uniform(0.002, 0.006),
+            "vary": rng.uniform(0.08, 0.25),
+            "grain": rng.uniform(8, 30),
+        }
     else:
-        floor = {"kind": kind, "c1": _jitter(rng, _STONE_PALETTE[rng.integers(len(_STONE_PALETTE))]),
-                 "slab": rng.uniform(1.0, 3.0), "vary": rng.uniform(0.03, 0.1), "seam": rng.uniform(0.003, 0.01)}
+        floor = {
+            "kind": kind,
+            "c1": _jitter(rng, _STONE_PALETTE[rng.integers(len(_STONE_PALETTE))]),
+            "slab": rng.uniform(1.0, 3.0),
+            "vary": rng.uniform(0.03, 0.1),
+            "seam": rng.uniform(0.003, 0.01),
+        }
     look["floor"] = floor
     wall = _jitter(rng, _WALL_PALETTE[rng.integers(len(_WALL_PALETTE))])
     look["walls"] = [wall, wall, wall if rng.random() < 0.6 else _random_color(rng, (0.2, 0.7), (0.3, 0.8)), wall]
@@ -236,9 +298,11 @@ def _make_look(rng, dims) -> dict:
     look["baseboard"] = rng.uniform(0.06, 0.15)
     look["baseboard_color"] = _jitter(rng, [(0.95, 0.95, 0.93), (0.2, 0.18, 0.17), (0.45, 0.32, 0.2)][rng.integers(3)])
     look["ceiling"] = _jitter(rng, [0.93, 0.92, 0.9], 0.05)
-    look["items"] = {LEFT: _make_wall_items(rng, length, height, look["wainscot"]),
-                     RIGHT: _make_wall_items(rng, length, height, look["wainscot"]),
-                     FAR: _make_wall_items(rng, width, height, look["wainscot"])}
+    look["items"] = {
+        LEFT: _make_wall_items(rng, length, height, look["wainscot"]),
+        RIGHT: _make_wall_items(rng, length, height, look["wainscot"]),
+        FAR: _make_wall_items(rng, width, height, look["wainscot"]),
+    }
     nx, nz = int(rng.integers(1, 4)), int(rng.integers(2, 6))
     xs = (np.arange(nx) + 0.5) / nx * width
     zs = (np.arange(nz) + 0.5) / nz * length
@@ -260,8 +324,10 @@ def _make_look(rng, dims) -> dict:
 
 def _line_coverage(dist, width, footprint) -> np.ndarray:
     """Fraction of a pixel of `footprint` metres covered by a line of `width` at `dist` from its centre line."""
-    return np.clip(np.minimum(dist + footprint / 2, width / 2) - np.maximum(dist - footprint / 2, -width / 2),
-                   0, None) / footprint
+    return (
+        np.clip(np.minimum(dist + footprint / 2, width / 2) - np.maximum(dist - footprint / 2, -width / 2), 0, None)
+        / footprint
+    )
 
 
 def _grid_dist(x, period) -> np.ndarray:
@@ -291,8 +357,9 @@ def _floor_albedo(f, table, x, z, fp) -> np.ndarray:
         mean = (f["c1"] + f["c2"]) / 2
         base = mean + (base - mean) * fade
         base = base * (1 + f["vary"] * (_hash(table, i, j) - 0.5) * fade[:, 0])[:, None]
-        grout = np.maximum(_line_coverage(_grid_dist(x, s), f["grout"], fp),
-                           _line_coverage(_grid_dist(z, s), f["grout"], fp))
+        grout = np.maximum(
+            _line_coverage(_grid_dist(x, s), f["grout"], fp), _line_coverage(_grid_dist(z, s), f["grout"], fp)
+        )
         grout = np.where(fp > s, 2 * f["grout"] / s, grout)[:, None]
         return base * (1 - grout) + f["grout_color"] * grout
     if f["kind"] == "planks":
@@ -305,8 +372,9 @@ def _floor_albedo(f, table, x, z, fp) -> np.ndarray:
         tone = 1 + f["vary"] * (_hash(table, row, idx) - 0.5) * fade
         grain_fade = np.clip(1 - fp * f["grain"], 0, 1)
         grain = 1 + 0.06 * np.sin(2 * np.pi * (b * f["grain"] + 0.15 * np.sin(a * 3 + row))) * grain_fade
-        seam = np.maximum(_line_coverage(_grid_dist(b, w), f["seam"], fp),
-                          _line_coverage(_grid_dist(a_off, length), f["seam"], fp))
+        seam = np.maximum(
+            _line_coverage(_grid_dist(b, w), f["seam"], fp), _line_coverage(_grid_dist(a_off, length), f["seam"], fp)
+        )
         seam = np.where(fp > w, f["seam"] / w, seam)
         return f["c1"] * (tone * grain * (1 - 0.6 * seam))[:, None]
     s = f["slab"]
@@ -412,7 +480,7 @@ def _shade_rays(look, camera, dims, rays, t, surface, fp) -> np.ndarray:
     for sid, dist in enumerate((y, height - y, x, width - x, length - z, z)):
         edge = np.where(surface == sid, edge, np.minimum(edge, dist))
     light *= 1 - 0.35 * np.exp(-edge / 0.35)
-    radiance = albedo ** _GAMMA * light[:, None] * look["light_color"]
+    radiance = albedo**_GAMMA * light[:, None] * look["light_color"]
     if ceiling.any():
         emit = _ceiling_emission(look, x[ceiling], z[ceiling])
         radiance[ceiling] = np.where(emit[:, None] > 0, 4.0 * look["light_color"], radiance[ceiling])
@@ -422,7 +490,7 @@ def _shade_rays(look, camera, dims, rays, t, surface, fp) -> np.ndarray:
 def _tone(x):
     """Linear light -> [0, 1): identity in the shadows, a soft shoulder instead of clipping the highlights."""
     x = np.maximum(x, 0)
-    return x / (1 + x ** 3) ** (1 / 3)
+    return x / (1 + x**3) ** (1 / 3)
 
 
 def _pixel_grid(size, scale=1) -> tuple[np.ndarray, np.ndarray]:
@@ -434,9 +502,13 @@ def _pixel_grid(size, scale=1) -> tuple[np.ndarray, np.ndarray]:
 def make_room(rng, size) -> Room:
     """Render one random room (image, exact z-depth, surface ids, camera) at `size` x `size` pixels."""
     dims = (rng.uniform(5.0, 14.0), rng.uniform(7.0, 18.0), rng.uniform(2.8, 5.0))  # width, length, height
-    camera = Camera.make(size, fov_deg=rng.uniform(50, 72),
-                         origin=(rng.uniform(0.3, 0.7) * dims[0], rng.uniform(1.2, 1.8), rng.uniform(0.2, 1.0)),
-                         pitch_deg=rng.uniform(-2, 14), yaw_deg=rng.uniform(-25, 25))
+    camera = Camera.make(
+        size,
+        fov_deg=rng.uniform(50, 72),
+        origin=(rng.uniform(0.3, 0.7) * dims[0], rng.uniform(1.2, 1.8), rng.uniform(0.2, 1.0)),
+        pitch_deg=rng.uniform(-2, 14),
+        yaw_deg=rng.uniform(-25, 25),
+    )
     look = _make_look(rng, dims)
     # exact depth and surface ids at the pixel centres
     u, v = _pixel_grid(size)
@@ -452,8 +524,9 @@ def make_room(rng, size) -> Room:
     radiance = _shade_rays(look, camera, dims, rays, t2, surface2, fp)
     haze = np.exp(-t2 * norm / look["haze"])[:, None]
     radiance = radiance * haze + 0.15 * (1 - haze)
-    radiance = cv2.resize(radiance.reshape(size * scale, size * scale, 3).astype(np.float32), (size, size),
-                          interpolation=cv2.INTER_AREA)
+    radiance = cv2.resize(
+        radiance.reshape(size * scale, size * scale, 3).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA
+    )
     lum = radiance.mean(2)
     look["exposure"] = 0.22 / max(float(np.median(lum[surface != CEILING])), 1e-6)
     r2 = ((u - size / 2) ** 2 + (v - size / 2) ** 2) / (size * size / 2)
@@ -485,10 +558,10 @@ def decode_depth(depth_u8) -> np.ndarray:
 # Figures
 # ----------------------------------------------------------------------------------------------------------
 
-_SKIN = np.array([[255, 224, 196], [241, 194, 150], [224, 172, 120], [198, 134, 90], [141, 85, 52],
-                  [92, 56, 36]]) / 255.0
-_HAIR = np.array([[22, 18, 16], [60, 40, 25], [110, 72, 40], [205, 175, 115], [165, 165, 160],
-                  [145, 62, 30]]) / 255.0
+_SKIN = (
+    np.array([[255, 224, 196], [241, 194, 150], [224, 172, 120], [198, 134, 90], [141, 85, 52], [92, 56, 36]]) / 255.0
+)
+_HAIR = np.array([[22, 18, 16], [60, 40, 25], [110, 72, 40], [205, 175, 115], [165, 165, 160], [145, 62, 30]]) / 255.0
 
 
 class _Canvas:
@@ -554,7 +627,7 @@ class _Canvas:
             cy = y0 + round_top
             cx = np.clip(np.abs(x), 0, half - round_top)
             corner = (y < cy) & (np.abs(x) > half - round_top)
-            inside &= ~corner | ((np.abs(x) - cx) ** 2 + (y - cy) ** 2 <= round_top ** 2)
+            inside &= ~corner | ((np.abs(x) - cx) ** 2 + (y - cy) ** 2 <= round_top**2)
         self._fill(sl, x, y, inside, x / np.maximum(half, 1e-6), np.zeros_like(x), color)
 
     def to_rgba(self, height) -> np.ndarray:
@@ -565,7 +638,7 @@ class _Canvas:
         small = cv2.resize(premult, (w, height), interpolation=cv2.INTER_AREA)
         alpha = small[..., 3]
         cols = np.nonzero(alpha.max(0) > 0.5 / 255)[0]
-        small, alpha = small[:, cols[0]:cols[-1] + 1], alpha[:, cols[0]:cols[-1] + 1]
+        small, alpha = small[:, cols[0] : cols[-1] + 1], alpha[:, cols[0] : cols[-1] + 1]
         rgb = small[..., :3] / np.maximum(alpha, 1e-6)[..., None]
         rgba = np.concatenate([np.clip(rgb, 0, 1), alpha[..., None]], axis=2)
         return np.clip(np.rint(rgba * 255), 0, 255).astype(np.uint8)
@@ -583,15 +656,18 @@ def _pattern(rng, base) -> np.ndarray | Callable[[np.ndarray, np.ndarray], np.nd
     if kind == 3:
         return lambda x, y: np.where((np.mod(x, period) < period / 2)[:, None], base, other)
     if kind == 4:
+
         def checks(x, y):
             k = (np.mod(x, period) < period / 2).astype(float) + (np.mod(y, period) < period / 2)
             return base + (other - base) * (k / 2)[:, None]
+
         return checks
 
     def dots(x, y):
         shift = period / 2 * (np.floor(x / period) % 2)  # staggered rows
         d = (np.mod(x, period) - period / 2) ** 2 + (np.mod(y + shift, period) - period / 2) ** 2
         return np.where((d < (period / 4) ** 2)[:, None], other, base)
+
     return dots
 
 
@@ -604,8 +680,11 @@ def _draw_figure(rng, height) -> np.ndarray:
     hair = _jitter(rng, _HAIR[rng.integers(len(_HAIR))], 0.1)
     top_color = _random_color(rng, (0.0, 0.9), (0.15, 0.95))
     top = _pattern(rng, top_color)
-    bottom_color = _random_color(rng, (0.0, 0.7), (0.1, 0.7)) if rng.random() < 0.7 else \
-        np.array([0.2, 0.27, 0.45]) * rng.uniform(0.7, 1.3)
+    bottom_color = (
+        _random_color(rng, (0.0, 0.7), (0.1, 0.7))
+        if rng.random() < 0.7
+        else np.array([0.2, 0.27, 0.45]) * rng.uniform(0.7, 1.3)
+    )
     bottom = bottom_color if rng.random() < 0.8 else _pattern(rng, bottom_color)
     shoe_colors = [(0.1, 0.09, 0.08), (0.35, 0.22, 0.12), (0.9, 0.9, 0.9), (0.5, 0.1, 0.1)]
     shoes = _jitter(rng, shoe_colors[rng.integers(4)], 0.1)
@@ -641,8 +720,9 @@ def _draw_figure(rng, height) -> np.ndarray:
         canvas.ellipse(ankle[0] + side * 0.008, 1 - shoe_ry, rng.uniform(0.032, 0.042), shoe_ry, shoes)
     if lower in ("skirt", "dress"):
         hem = rng.uniform(0.66, 0.82)
-        canvas.trapezoid(hip_y - 0.05, hem, hip_w * 1.05, hip_w * rng.uniform(1.3, 1.9),
-                         top if lower == "dress" else bottom)
+        canvas.trapezoid(
+            hip_y - 0.05, hem, hip_w * 1.05, hip_w * rng.uniform(1.3, 1.9), top if lower == "dress" else bottom
+        )
     # torso: shirt to the hips, then trousers' waist
     torso = top
     if sleeves == "jacket":
@@ -674,8 +754,14 @@ def _draw_figure(rng, height) -> np.ndarray:
     canvas.limb((0, head_cy + head_ry * 0.6), (0, shoulder_y + 0.01), head_rx * 0.45, head_rx * 0.5, skin * 0.9)
     canvas.ellipse(0, head_cy, head_rx, head_ry, skin)
     if hair_style != "bald":
-        canvas.ellipse(0, head_cy - head_ry * 0.04, head_rx * 1.08, head_ry * 1.04, hair,
-                       clip_y=head_cy - head_ry * (0.25 if hair_style != "long" else 0.4))
+        canvas.ellipse(
+            0,
+            head_cy - head_ry * 0.04,
+            head_rx * 1.08,
+            head_ry * 1.04,
+            hair,
+            clip_y=head_cy - head_ry * (0.25 if hair_style != "long" else 0.4),
+        )
     else:
         canvas.ellipse(0, head_cy, head_rx, head_ry, skin * 0.95, clip_y=head_cy - head_ry * 0.3)
     for side in (-1, 1):  # eyes and brows: just enough to read as a face
@@ -714,16 +800,17 @@ def paste_figure(bg_rgb, fg_rgba, x, y, flip=False) -> tuple[np.ndarray, np.ndar
     fg = fg_rgba[:, ::-1] if flip else fg_rgba
     alpha = fg[..., 3:].astype(np.uint16)  # (h, w, 1)
     bg_fg = bg_rgb.copy()
-    region = bg_fg[y:y + h, x:x + w]
+    region = bg_fg[y : y + h, x : x + w]
     region[:] = ((fg[..., :3] * alpha + region * (255 - alpha) + 127) // 255).astype(np.uint8)
     mask = np.zeros((big_h, big_w), np.uint8)
-    mask[y:y + h, x:x + w] = np.where(fg[..., 3] >= 128, 255, 0).astype(np.uint8)
+    mask[y : y + h, x : x + w] = np.where(fg[..., 3] >= 128, 255, 0).astype(np.uint8)
     return bg_fg, mask
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Standing figures in rooms
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Placement:
@@ -824,6 +911,7 @@ def _resize_figure(premult, height, width) -> np.ndarray:
 # The dataset
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _make_rng(seed, *key) -> np.random.Generator:
     """A generator seeded from (seed, key): independent of order, process and worker count."""
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
@@ -898,8 +986,8 @@ def _make_pair(task) -> tuple[tuple[int, int], bytes | None, list]:
         for flip, number in ((False, k + 1), (True, count + k + 1)):
             bg_fg, mask = paste_figure(room.rgb, rgba, p.x, p.y, flip=flip)
             depth = room.depth_u8.copy()
-            box = depth[p.y:p.y + p.h, p.x:p.x + p.w]
-            inside = mask[p.y:p.y + p.h, p.x:p.x + p.w] > 0
+            box = depth[p.y : p.y + p.h, p.x : p.x + p.w]
+            inside = mask[p.y : p.y + p.h, p.x : p.x + p.w] > 0
             box[inside] = depth_box[inside]
             samples.append((number, (p.x, p.y, p.w, p.h), encode_jpeg(bg_fg), encode_jpeg(mask), encode_jpeg(depth)))
     samples.sort(key=lambda s: s[0])
@@ -913,10 +1001,16 @@ def _sample_name(b, f, k) -> str:
 
 def _check_args(size, backgrounds, foregrounds, placements, seed, workers) -> None:
     """Raise UserError for arguments the MODEST layout cannot hold."""
+
     def is_int(v):
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-    for name, value, low, high in (("size", size, 32, 4096), ("backgrounds", backgrounds, 1, 999),
-                                   ("foregrounds", foregrounds, 1, 999), ("placements", placements, 1, 49)):
+
+    for name, value, low, high in (
+        ("size", size, 32, 4096),
+        ("backgrounds", backgrounds, 1, 999),
+        ("foregrounds", foregrounds, 1, 999),
+        ("placements", placements, 1, 49),
+    ):
         if not is_int(value) or not low <= value <= high:
             raise UserError(f"synthetic dataset: {name} must be an integer in [{low}, {high}], got {value!r}")
     if not is_int(seed) or seed < 0:
@@ -1005,7 +1099,7 @@ class _FolderWriter:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
 
@@ -1079,11 +1173,20 @@ def _meta_text(meta: dict) -> str:
 
 def _make_meta(size, backgrounds, foregrounds, placements, seed) -> dict:
     """What dataset.json records: the generator's arguments and conventions."""
-    return {"format": "modest", "generator": "lib.synthetic", "version": VERSION, "size": size,
-            "backgrounds": backgrounds, "foregrounds": foregrounds, "placements": placements, "seed": seed,
-            "samples": backgrounds * foregrounds * 2 * placements, "max_depth": MAX_DEPTH,
-            "depth": "z-depth (along the optical axis) in metres; 0..max_depth -> 0..255, brighter = farther",
-            "fg_height": fg_height(size)}
+    return {
+        "format": "modest",
+        "generator": "lib.synthetic",
+        "version": VERSION,
+        "size": size,
+        "backgrounds": backgrounds,
+        "foregrounds": foregrounds,
+        "placements": placements,
+        "seed": seed,
+        "samples": backgrounds * foregrounds * 2 * placements,
+        "max_depth": MAX_DEPTH,
+        "depth": "z-depth (along the optical axis) in metres; 0..max_depth -> 0..255, brighter = farther",
+        "fg_height": fg_height(size),
+    }
 
 
 def _map_tasks(fn, tasks, workers, initializer=None, initargs=()):
@@ -1098,8 +1201,9 @@ def _map_tasks(fn, tasks, workers, initializer=None, initargs=()):
         yield from pool.imap(fn, tasks, chunksize=chunksize)
 
 
-def make_synthetic_dataset(out, *, size=224, backgrounds=100, foregrounds=100, placements=20, seed=0,
-                           as_zip=False, workers=None, progress=True) -> Path:
+def make_synthetic_dataset(
+    out, *, size=224, backgrounds=100, foregrounds=100, placements=20, seed=0, as_zip=False, workers=None, progress=True
+) -> Path:
     """Write a MODEST-format synthetic dataset to folder `out` (or, with as_zip, to the zip file `out` — add .zip
     if missing); return its path.
 
@@ -1116,8 +1220,10 @@ def make_synthetic_dataset(out, *, size=224, backgrounds=100, foregrounds=100, p
         if _same_args(_read_meta(out, as_zip), meta):
             return out
         if not (out.is_dir() and not as_zip and not any(out.iterdir())):
-            raise UserError(f"{out} already exists and is not a synthetic dataset made with these arguments; "
-                            "remove it or choose another path")
+            raise UserError(
+                f"{out} already exists and is not a synthetic dataset made with these arguments; "
+                "remove it or choose another path"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     workers = max(1, min(workers or os.cpu_count() or 1, backgrounds * foregrounds))
     per_pair = 2 * placements
@@ -1130,10 +1236,17 @@ def make_synthetic_dataset(out, *, size=224, backgrounds=100, foregrounds=100, p
                 writer.write(f"fg/fg{f + 1:03d}.png", png)
                 writer.write(f"fg_mask/fg{f + 1:03d}_mask.png", mask_png)
         done = writer.done_pairs()
-        tasks = [(b, f) for b in range(backgrounds) for f in range(foregrounds)
-                 if f"bg{b + 1:03d}_fg{f + 1:03d}" not in done]
-        bar = tqdm(total=meta["samples"], initial=len(done) * per_pair, unit="sample", desc="synthetic",
-                   disable=not progress, dynamic_ncols=True)
+        tasks = [
+            (b, f) for b in range(backgrounds) for f in range(foregrounds) if f"bg{b + 1:03d}_fg{f + 1:03d}" not in done
+        ]
+        bar = tqdm(
+            total=meta["samples"],
+            initial=len(done) * per_pair,
+            unit="sample",
+            desc="synthetic",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         results = _map_tasks(_make_pair, tasks, workers, _init_worker, (figures, seed, size, placements))
         with bar, closing(results):
             for (b, f), bg_jpeg, samples in results:
@@ -1148,8 +1261,12 @@ def make_synthetic_dataset(out, *, size=224, backgrounds=100, foregrounds=100, p
                     lines.append(f"{name}.jpeg\t{x}\t{y}\t{w}\t{h}")
                 writer.record(lines)
                 bar.update(len(samples))
-        names = [_sample_name(b, f, k) for b in range(backgrounds) for f in range(foregrounds)
-                 for k in range(1, per_pair + 1)]
+        names = [
+            _sample_name(b, f, k)
+            for b in range(backgrounds)
+            for f in range(foregrounds)
+            for k in range(1, per_pair + 1)
+        ]
         file_map = "".join(f"{n[:5]}\t{n}\t{n}_mask\t{n}_depth_map\n" for n in names)
         bbox = "".join(writer.bbox[f"{n}.jpeg"] + "\n" for n in names)
         texts = {"file_map.txt": file_map.encode(), "bbox.txt": bbox.encode()}

@@ -13,6 +13,7 @@ saved checkpoint gets. Rank 0 alone writes files and prints. --sync-bn (SyncBatc
 Every epoch writes RUN/last.pt (and RUN/best.pt when validation loss improves) atomically, plus
 history.json, curves.png and predictions.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from .data import ModestDataset, default_device, make_loader
-from .errors import DataError, UserError, run_cli
+from .errors import UserError, run_cli
 from .losses import DEFAULT_LOSS, make_loss, valid_losses
 from .metrics import Metrics
 from .models import MODEL_SIZE_MULTIPLE, MODELS, as_outputs, count_parameters, make_model, unwrap_model
@@ -257,8 +258,9 @@ def train_one_epoch(
     iou_metrics = Metrics(device, with_depth=False)
     samples, start = 0, time.perf_counter()
     for step, batch in enumerate(loader, 1):
-        loss, outputs = train_step(model, batch, loss_fn, optimizer, device, scaler=scaler, amp_dtype=amp_dtype,
-                                   channels_last=channels_last)
+        loss, outputs = train_step(
+            model, batch, loss_fn, optimizer, device, scaler=scaler, amp_dtype=amp_dtype, channels_last=channels_last
+        )
         if scheduler is not None and getattr(scheduler, "per_step", False):
             scheduler.step()
         n = batch["bg"].shape[0]
@@ -270,7 +272,9 @@ def train_one_epoch(
                 raise NonFiniteLoss(running)
             if progress is not None:
                 iou_metrics.update(outputs, batch)  # no_grad inside; reads only outputs["mask"]
-                progress.set_postfix(loss=f"{running:.4f}", iou=f"{iou_metrics.compute()['mask_iou']:.3f}", refresh=False)
+                progress.set_postfix(
+                    loss=f"{running:.4f}", iou=f"{iou_metrics.compute()['mask_iou']:.3f}", refresh=False
+                )
         if progress is not None:
             progress.update(1)
     totals = torch.stack([loss_sum, torch.tensor(float(samples), device=device, dtype=torch.float64)])
@@ -374,7 +378,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", expect_model: s
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        raise UserError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint written by lib.train")
     model_name = state["config"]["model"]
@@ -445,7 +451,9 @@ def validate_config(cfg: Config) -> None:
         raise UserError(f"--lr must be a positive number, not {cfg.lr}")
     multiple = MODEL_SIZE_MULTIPLE[cfg.model]
     if cfg.image_size is not None and (cfg.image_size < 32 or cfg.image_size % multiple):
-        raise UserError(f"--image-size {cfg.image_size} does not work for {cfg.model}: use a multiple of {max(multiple, 1)} of at least 32")
+        raise UserError(
+            f"--image-size {cfg.image_size} does not work for {cfg.model}: use a multiple of {max(multiple, 1)} of at least 32"
+        )
     if cfg.workers is not None and cfg.workers < 0:
         raise UserError(f"--workers must be 0 or more, not {cfg.workers}")
     if cfg.ahead is not None and cfg.ahead < 0:
@@ -459,7 +467,9 @@ def validate_config(cfg: Config) -> None:
         raise UserError(f"--loss {name!r} does not fit {cfg.model}: choose one of {', '.join(valid_losses(cfg.model))}")
 
 
-def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = False, progress: bool = True) -> list[dict]:
+def fit(
+    cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = False, progress: bool = True
+) -> list[dict]:
     """Train per `cfg` and return the history (one dict per epoch). Data from `data_root`, else from cfg.data through
     `resolve_data` (the synthetic set rendered at cfg.image_size, MODEST downloaded, or a path)."""
     from tqdm.auto import tqdm
@@ -477,13 +487,24 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
     if resume:
         state = load_checkpoint(out / "last.pt", expect_model=cfg.model)
         saved = Config(**state["config"])
-        cfg = dataclasses.replace(saved, epochs=cfg.epochs, out=cfg.out, workers=cfg.workers, ahead=cfg.ahead,
-                                  skip_bad_samples=cfg.skip_bad_samples, log_every=cfg.log_every)
+        cfg = dataclasses.replace(
+            saved,
+            epochs=cfg.epochs,
+            out=cfg.out,
+            workers=cfg.workers,
+            ahead=cfg.ahead,
+            skip_bad_samples=cfg.skip_bad_samples,
+            log_every=cfg.log_every,
+        )
         if saved.scheduler == "onecycle" and cfg.epochs != saved.epochs:
-            raise UserError(f"{out / 'last.pt'}: its onecycle schedule was planned for {saved.epochs} epochs; "
-                            f"resume with --epochs {saved.epochs}")
+            raise UserError(
+                f"{out / 'last.pt'}: its onecycle schedule was planned for {saved.epochs} epochs; "
+                f"resume with --epochs {saved.epochs}"
+            )
         if state["epoch"] >= cfg.epochs:
-            raise UserError(f"{out / 'last.pt'}: already trained {state['epoch']} of {cfg.epochs} epochs; raise --epochs to go on")
+            raise UserError(
+                f"{out / 'last.pt'}: already trained {state['epoch']} of {cfg.epochs} epochs; raise --epochs to go on"
+            )
         if ddp.rank == 0:
             remove_stale_temp_files(out)
     root = data_root if data_root is not None else resolve_data(cfg.data, progress and ddp.is_main, cfg.image_size)
@@ -501,9 +522,18 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
         raise UserError(f"{root}: too few samples to split into train and val ({len(dataset)})")
     train_sampler = EpochSampler(len(train_set), cfg.seed, cfg.max_train_samples, ddp.rank, ddp.world_size)
     val_sampler = ShardSampler(len(val_set), ddp.rank, ddp.world_size) if ddp.enabled else None
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, device=device, skip_bad_samples=cfg.skip_bad_samples,
-                  loader=cfg.loader, data_mode=cfg.data_mode, ahead=cfg.ahead)
-    train_loader = make_loader(train_set, shuffle=False, sampler=train_sampler, drop_last=len(train_sampler) > cfg.batch_size, **common)
+    common = dict(
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        device=device,
+        skip_bad_samples=cfg.skip_bad_samples,
+        loader=cfg.loader,
+        data_mode=cfg.data_mode,
+        ahead=cfg.ahead,
+    )
+    train_loader = make_loader(
+        train_set, shuffle=False, sampler=train_sampler, drop_last=len(train_sampler) > cfg.batch_size, **common
+    )
     val_loader = make_loader(val_set, shuffle=False, sampler=val_sampler, **common)
 
     model = make_model(cfg.model)
@@ -530,72 +560,118 @@ def fit(cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = 
         _set_rng_state(state["rng"])
     train_model = model
     if ddp.enabled:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.compile:
         train_model = torch.compile(train_model)
 
     log = print if ddp.is_main else (lambda *a, **k: None)
     if ddp.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        log(f"{cfg.model}: {count_parameters(model):,} parameters | {len(train_set):,} train / {len(val_set):,} val samples "
+        log(
+            f"{cfg.model}: {count_parameters(model):,} parameters | {len(train_set):,} train / {len(val_set):,} val samples "
             f"at {cfg.image_size or 'native'} px | device {device}{' x' + str(ddp.world_size) if ddp.enabled else ''}"
-            f"{' ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ''} | {out}", flush=True)
+            f"{' ' + str(amp_dtype).replace('torch.', '') if amp_dtype else ''} | {out}",
+            flush=True,
+        )
     SIGNALS.install()
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             train_sampler.set_epoch(epoch)
-            if train_set.augment is not None:  # in-process loading; worker processes and the thread loader reseed from the torch RNG
+            if (
+                train_set.augment is not None
+            ):  # in-process loading; worker processes and the thread loader reseed from the torch RNG
                 train_set.augment.set_random_seed(cfg.seed * 100_003 + epoch + 7919 * ddp.rank)
-            bar = tqdm(total=len(train_loader) + len(val_loader), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                       disable=not (progress and ddp.is_main), dynamic_ncols=True)
+            bar = tqdm(
+                total=len(train_loader) + len(val_loader),
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                leave=False,
+                disable=not (progress and ddp.is_main),
+                dynamic_ncols=True,
+            )
             lr = optimizer.param_groups[0]["lr"]
-            train = train_one_epoch(train_model, train_loader, loss_fn, optimizer, device, scheduler=scheduler,
-                                    scaler=scaler, amp_dtype=amp_dtype, channels_last=channels_last,
-                                    log_every=cfg.log_every, progress=bar)
+            train = train_one_epoch(
+                train_model,
+                train_loader,
+                loss_fn,
+                optimizer,
+                device,
+                scheduler=scheduler,
+                scaler=scaler,
+                amp_dtype=amp_dtype,
+                channels_last=channels_last,
+                log_every=cfg.log_every,
+                progress=bar,
+            )
             if scheduler is not None and not getattr(scheduler, "per_step", False):
                 scheduler.step()
             if ddp.enabled:  # each rank's BatchNorm statistics are its own: evaluate rank 0's, the ones saved
                 for buffer in model.buffers():
                     dist.broadcast(buffer, 0)
-            val = evaluate(model, val_loader, loss_fn, device, amp_dtype=amp_dtype, channels_last=channels_last, progress=bar)
+            val = evaluate(
+                model, val_loader, loss_fn, device, amp_dtype=amp_dtype, channels_last=channels_last, progress=bar
+            )
             bar.close()
             skipped = train_loader.skipped + val_loader.skipped
             if ddp.enabled:  # every rank's skipped samples, listed by rank 0
                 gathered: list = [None] * ddp.world_size
                 dist.all_gather_object(gathered, skipped)
                 skipped = [item for part in gathered for item in part]
-            record = {"epoch": epoch, "train_loss": train["train_loss"], "val_loss": val.pop("val_loss"), "lr": lr,
-                      "seconds": round(train["seconds"], 2), "samples_per_s": round(train["samples"] / train["seconds"], 1),
-                      **val}
+            record = {
+                "epoch": epoch,
+                "train_loss": train["train_loss"],
+                "val_loss": val.pop("val_loss"),
+                "lr": lr,
+                "seconds": round(train["seconds"], 2),
+                "samples_per_s": round(train["samples"] / train["seconds"], 1),
+                **val,
+            }
             if skipped:
                 record["skipped"] = [name for name, _ in skipped]
             history.append(record)
             improved = record["val_loss"] < best
             best = min(best, record["val_loss"])
             if ddp.is_main:
-                ckpt = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": epoch,
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "history": history, "best_val_loss": best, "rng": _rng_state()}
+                ckpt = {
+                    "format": CHECKPOINT_FORMAT,
+                    "config": dataclasses.asdict(cfg),
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "history": history,
+                    "best_val_loss": best,
+                    "rng": _rng_state(),
+                }
                 save_checkpoint(out / "last.pt", ckpt)
                 if improved:
                     save_checkpoint(out / "best.pt", ckpt)
                 write_history(out / "history.json", history)
                 log(_summary(record, improved), flush=True)
                 if skipped:
-                    log(f"  skipped {len(skipped)} bad sample(s) this epoch: " + "; ".join(m for _, m in skipped[:5]), flush=True)
+                    log(
+                        f"  skipped {len(skipped)} bad sample(s) this epoch: " + "; ".join(m for _, m in skipped[:5]),
+                        flush=True,
+                    )
         if ddp.is_main:
             write_figures(out, history, model, val_set, device, channels_last)
     except NonFiniteLoss as exc:
-        raise UserError(f"the training loss became {exc.args[0]} in epoch {epoch}; try a lower --lr (now {cfg.lr}). "
-                        f"{out / 'last.pt'} keeps the last good epoch") from None
+        raise UserError(
+            f"the training loss became {exc.args[0]} in epoch {epoch}; try a lower --lr (now {cfg.lr}). "
+            f"{out / 'last.pt'} keeps the last good epoch"
+        ) from None
     except KeyboardInterrupt:
         if ddp.is_main:
             done = history[-1]["epoch"] if history else 0
-            print(f"\ninterrupted in epoch {epoch}; {out / 'last.pt'} holds epoch {done}. "
-                  f"Resume with: python -m lib.train --out {out} --resume", file=sys.stderr, flush=True)
+            print(
+                f"\ninterrupted in epoch {epoch}; {out / 'last.pt'} holds epoch {done}. "
+                f"Resume with: python -m lib.train --out {out} --resume",
+                file=sys.stderr,
+                flush=True,
+            )
         raise
     finally:
         SIGNALS.restore()
@@ -612,15 +688,21 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def _summary(record: dict, improved: bool) -> str:
-    parts = [f"epoch {record['epoch']:>3}", f"train {record['train_loss']:.4f}", f"val {record['val_loss']:.4f}",
-             f"IoU {record['mask_iou']:.4f}"]
+    parts = [
+        f"epoch {record['epoch']:>3}",
+        f"train {record['train_loss']:.4f}",
+        f"val {record['val_loss']:.4f}",
+        f"IoU {record['mask_iou']:.4f}",
+    ]
     if "depth_rmse" in record:
         parts += [f"RMSE {record['depth_rmse']:.4f}", f"d1 {record['depth_delta1']:.3f}"]
     parts += [f"{record['samples_per_s']:.0f} samples/s", f"{record['seconds']:.0f}s"]
     return " | ".join(parts) + (" *best" if improved else "")
 
 
-def write_figures(out: Path, history: list[dict], model: nn.Module, val_set: ModestDataset, device, channels_last: bool) -> None:
+def write_figures(
+    out: Path, history: list[dict], model: nn.Module, val_set: ModestDataset, device, channels_last: bool
+) -> None:
     """curves.png and predictions.png for a run folder."""
     import matplotlib.pyplot as plt
 
@@ -648,7 +730,10 @@ def resolve_data(data: str, progress: bool = True, size: int | None = None) -> P
         from .synthetic import make_synthetic_dataset
 
         d = dict(DEMO_DATA, size=size or DEMO_DATA["size"])
-        folder = Path("data") / f"synthetic-{d['size']}px-{d['backgrounds']}x{d['foregrounds']}x{2 * d['placements']}-seed{d['seed']}"
+        folder = (
+            Path("data")
+            / f"synthetic-{d['size']}px-{d['backgrounds']}x{d['foregrounds']}x{2 * d['placements']}-seed{d['seed']}"
+        )
         with _one_at_a_time(Path("data")):
             return make_synthetic_dataset(folder, progress=progress, **d)
     if data == "modest":
@@ -681,19 +766,32 @@ def _one_at_a_time(folder: Path):
 
 def build_parser() -> argparse.ArgumentParser:
     """The train command's arguments (defaults: the CPU demo on synthetic data)."""
-    p = argparse.ArgumentParser(prog="python -m lib.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="masknet or depthnet (default depthnet; on --resume, the checkpoint's)")
+    p = argparse.ArgumentParser(
+        prog="python -m lib.train",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default=None, help="masknet or depthnet (default depthnet; on --resume, the checkpoint's)"
+    )
     p.add_argument("--data", default="synthetic", help="synthetic, modest, or a MODEST folder/zip")
     p.add_argument("--epochs", type=int, default=None, help="default 12; 5 for the synthetic demo")
     p.add_argument("--batch-size", type=int, default=None, help="default 32; 8 for the synthetic demo")
-    p.add_argument("--image-size", type=int, default=None, help="resize to this side (the synthetic set is rendered at it); default 224, 64 for the demo")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize to this side (the synthetic set is rendered at it); default 224, 64 for the demo",
+    )
     p.add_argument("--lr", type=float, default=None, help="default 0.1 (SGD)")
     p.add_argument("--optimizer", default=None, help="sgd (the original recipe) or adamw")
     p.add_argument("--scheduler", default=None, help="none, onecycle or cosine")
     p.add_argument("--weight-decay", type=float, default=None, help="default 1e-8 (SGD); 1e-4 for the synthetic demo")
-    p.add_argument("--loss", default=None,
-                   help="default bce (masknet) / bce_rmse (depthnet); for the synthetic demo bce_lovasz / bce_lovasz_rmse")
+    p.add_argument(
+        "--loss",
+        default=None,
+        help="default bce (masknet) / bce_rmse (depthnet); for the synthetic demo bce_lovasz / bce_lovasz_rmse",
+    )
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: one per core, at most 8)")
     p.add_argument("--split-by", default="sample", help="sample (the original 70/30) or background (unseen rooms)")
     p.add_argument("--max-train-samples", type=int, default=None, help="cap the samples per epoch")
@@ -706,9 +804,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
     p.add_argument("--skip-bad-samples", action="store_true", help="leave out unreadable samples and list them")
     p.add_argument("--loader", default="auto", help="threads (the default) or processes")
-    p.add_argument("--data-mode", default="auto", help="cpu or gpu: where decoding and augmentation run (auto: gpu on CUDA)")
-    p.add_argument("--ahead", type=int, default=None,
-                   help="batches a background thread prepares on the device during the step (default 2 on CUDA, 0 elsewhere; 0: between steps)")
+    p.add_argument(
+        "--data-mode", default="auto", help="cpu or gpu: where decoding and augmentation run (auto: gpu on CUDA)"
+    )
+    p.add_argument(
+        "--ahead",
+        type=int,
+        default=None,
+        help="batches a background thread prepares on the device during the step (default 2 on CUDA, 0 elsewhere; 0: between steps)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -721,17 +825,38 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """Config from parsed arguments; the synthetic demo gets its CPU-friendly recipe unless told otherwise."""
     model = args.model or "depthnet"
     base = dict(DEMO, loss=DEMO_LOSS.get(model)) if args.data == "synthetic" else {}
-    given = {"epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size, "lr": args.lr,
-             "optimizer": args.optimizer, "scheduler": args.scheduler, "loss": args.loss}
+    given = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "lr": args.lr,
+        "optimizer": args.optimizer,
+        "scheduler": args.scheduler,
+        "loss": args.loss,
+    }
     base.update({k: v for k, v in given.items() if v is not None})
     if base.get("optimizer") == "sgd" and "weight_decay" in base and args.data == "synthetic":
         base["weight_decay"] = Config.weight_decay
     if args.weight_decay is not None:
         base["weight_decay"] = args.weight_decay
-    return Config(model=model, data=args.data, workers=args.workers, split_by=args.split_by,
-                  seed=args.seed, amp=not args.no_amp, augment=not args.no_augment, compile=args.compile,
-                  sync_bn=args.sync_bn, skip_bad_samples=args.skip_bad_samples, loader=args.loader, data_mode=args.data_mode,
-                  ahead=args.ahead, max_train_samples=args.max_train_samples, out=args.out, **base)
+    return Config(
+        model=model,
+        data=args.data,
+        workers=args.workers,
+        split_by=args.split_by,
+        seed=args.seed,
+        amp=not args.no_amp,
+        augment=not args.no_augment,
+        compile=args.compile,
+        sync_bn=args.sync_bn,
+        skip_bad_samples=args.skip_bad_samples,
+        loader=args.loader,
+        data_mode=args.data_mode,
+        ahead=args.ahead,
+        max_train_samples=args.max_train_samples,
+        out=args.out,
+        **base,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -742,11 +867,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume:
         saved = load_checkpoint(Path(cfg.out) / "last.pt", expect_model=args.model)["config"]
         cfg = dataclasses.replace(cfg, model=saved["model"], epochs=args.epochs or saved["epochs"])
-    history = fit(cfg, resume=args.resume, progress=not args.quiet)  # fit resolves the data (the saved run's, on resume)
+    history = fit(
+        cfg, resume=args.resume, progress=not args.quiet
+    )  # fit resolves the data (the saved run's, on resume)
     if history and int(os.environ.get("RANK", "0")) == 0:
         best = min(history, key=lambda r: r["val_loss"])
-        print(f"done: best epoch {best['epoch']} (val loss {best['val_loss']:.4f}, IoU {best['mask_iou']:.4f}"
-              + (f", RMSE {best['depth_rmse']:.4f}" if "depth_rmse" in best else "") + f") -> {cfg.out}")
+        print(
+            f"done: best epoch {best['epoch']} (val loss {best['val_loss']:.4f}, IoU {best['mask_iou']:.4f}"
+            + (f", RMSE {best['depth_rmse']:.4f}" if "depth_rmse" in best else "")
+            + f") -> {cfg.out}"
+        )
     return 0
 
 

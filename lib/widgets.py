@@ -1,10 +1,11 @@
 """ipywidgets on top of lib.plots (the validation-set browser), and the notebooks' display and upload helpers."""
+
 from __future__ import annotations
 
 import base64
 import io
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
@@ -37,12 +38,18 @@ def plot_browser_sample(
     hit = (mask_prob >= 0.5).float()
     union = float(((hit + true_mask) > 0).sum())
     iou = float((hit * true_mask).sum()) / union if union else 1.0
-    panels = [("bg_fg + predicted mask" if overlay else "bg_fg", sample["bg_fg"], None, 1.0),
-              ("true mask", true_mask, "gray", 1.0), (f"predicted mask (IoU {iou:.2f})", mask_prob, "gray", 1.0)]
+    panels = [
+        ("bg_fg + predicted mask" if overlay else "bg_fg", sample["bg_fg"], None, 1.0),
+        ("true mask", true_mask, "gray", 1.0),
+        (f"predicted mask (IoU {iou:.2f})", mask_prob, "gray", 1.0),
+    ]
     if depth is not None:
         true_depth = sample["depth"].float() / 255.0  # (1, H, W) in [0, 1]
         rmse = float(((depth - true_depth) ** 2).mean().sqrt())
-        panels += [("true depth", true_depth, DEPTH_CMAP, 1.0), (f"predicted depth (RMSE {rmse:.3f})", depth, DEPTH_CMAP, 1.0)]
+        panels += [
+            ("true depth", true_depth, DEPTH_CMAP, 1.0),
+            (f"predicted depth (RMSE {rmse:.3f})", depth, DEPTH_CMAP, 1.0),
+        ]
         if error_map:
             panels.append(("depth error |pred - true|", (depth - true_depth).abs(), ERROR_CMAP, DEPTH_ERROR_MAX))
     elif error_map:
@@ -119,8 +126,9 @@ class Browser(widgets.VBox):
         self.model, self.dataset, self.device = model, dataset, torch.device(device)
         self._cache: OrderedDict[int, tuple[dict, torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self.predictions = 0  # model calls so far (one sample each)
-        self.index = widgets.IntSlider(value=0, min=0, max=len(dataset) - 1, description="sample",
-                                       continuous_update=False)
+        self.index = widgets.IntSlider(
+            value=0, min=0, max=len(dataset) - 1, description="sample", continuous_update=False
+        )
         self.overlay = widgets.ToggleButton(value=True, description="mask overlay", tooltip="predicted mask on bg_fg")
         self.error_map = widgets.ToggleButton(value=False, description="error map", tooltip="|predicted - true|")
         self.output = widgets.Output()

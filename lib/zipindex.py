@@ -5,6 +5,7 @@ Python's `zipfile` builds one ZipInfo object per member: for MODEST's 1.2M membe
 (cached beside the zip, or under ~/.cache when that folder is read-only), and each process reads
 members with `os.pread` on its own file descriptor (safe across fork and across threads).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -167,7 +168,7 @@ def _parse_central_directory(path: Path, file_size: int) -> dict[str, np.ndarray
     u16 = lambda at: buf[starts[:, None] + at + np.arange(2)].view("<u2").ravel().astype(np.int64)  # noqa: E731
     u32 = lambda at: buf[starts[:, None] + at + np.arange(4)].view("<u4").ravel().astype(np.int64)  # noqa: E731
     methods, crcs, csizes, usizes = u16(10), u32(16), u32(20), u32(24)
-    name_lens, extra_lens, offsets = u16(28), u16(30), u32(42)
+    name_lens, offsets = u16(28), u32(42)
     for i in np.flatnonzero((csizes == 0xFFFFFFFF) | (usizes == 0xFFFFFFFF) | (offsets == 0xFFFFFFFF)):
         usizes[i], csizes[i], offsets[i] = _zip64_extra(cd, int(starts[i]), usizes[i], csizes[i], offsets[i])
     width = max(1, int(name_lens.max(initial=1)))

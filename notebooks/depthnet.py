@@ -31,7 +31,9 @@
 # importable from the repository root. Safe to run twice.
 
 # %%
-import os, subprocess, sys
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 REPO_URL = "https://github.com/bgfg-depth/modest-masknet"  # written from lib/colab.py by `python -m lib.colab`
@@ -77,7 +79,9 @@ OPTIMIZER = "sgd"  # "sgd" (momentum 0.9) or "adamw"
 MAX_TRAIN_SAMPLES = None  # cap on training samples per epoch (e.g. 20_000 for a quick look); None: the whole split
 WORKERS = None  # data loading threads; None: one per CPU core (at most 8)
 MOUNT_DRIVE = True  # on Colab, keep the run on Google Drive so that a disconnect does not lose it
-OUT = None  # run folder (checkpoints, history, figures); None: MyDrive/modest-runs/depthnet on Drive, else runs/depthnet
+OUT = (
+    None  # run folder (checkpoints, history, figures); None: MyDrive/modest-runs/depthnet on Drive, else runs/depthnet
+)
 RESUME = False  # True: continue OUT/last.pt after a disconnect instead of starting over
 
 # %%
@@ -111,8 +115,10 @@ model = make_model("depthnet")
 bg = bg_fg = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)  # (B, 3, H, W)
 with torch.no_grad():
     mask_logits, depth = model.eval()(bg, bg_fg)  # (B, 1, H, W) each
-print(f"DepthNet: {count_parameters(model):,} parameters; bg, bg_fg {tuple(bg.shape)} -> "
-      f"mask logits {tuple(mask_logits.shape)}, depth {tuple(depth.shape)}")
+print(
+    f"DepthNet: {count_parameters(model):,} parameters; bg, bg_fg {tuple(bg.shape)} -> "
+    f"mask logits {tuple(mask_logits.shape)}, depth {tuple(depth.shape)}"
+)
 
 # %% [markdown]
 # ## Train
@@ -122,8 +128,18 @@ print(f"DepthNet: {count_parameters(model):,} parameters; bg, bg_fg {tuple(bg.sh
 # the depth.
 
 # %%
-cfg = Config(model="depthnet", data=DATA, epochs=EPOCHS, batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, lr=LR,
-             optimizer=OPTIMIZER, workers=WORKERS, max_train_samples=MAX_TRAIN_SAMPLES, out=str(out))
+cfg = Config(
+    model="depthnet",
+    data=DATA,
+    epochs=EPOCHS,
+    batch_size=BATCH_SIZE,
+    image_size=IMAGE_SIZE,
+    lr=LR,
+    optimizer=OPTIMIZER,
+    workers=WORKERS,
+    max_train_samples=MAX_TRAIN_SAMPLES,
+    out=str(out),
+)
 history = fit(cfg, data_root, resume=RESUME)
 
 # %% [markdown]

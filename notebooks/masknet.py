@@ -31,7 +31,9 @@
 # importable from the repository root. Safe to run twice.
 
 # %%
-import os, subprocess, sys
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 REPO_URL = "https://github.com/bgfg-depth/modest-masknet"  # written from lib/colab.py by `python -m lib.colab`
@@ -110,8 +112,10 @@ model = make_model("masknet")
 bg = bg_fg = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)  # (B, 3, H, W)
 with torch.no_grad():
     mask_logits = model.eval()(bg, bg_fg)  # (B, 1, H, W)
-print(f"MaskNet: {count_parameters(model):,} parameters; bg, bg_fg {tuple(bg.shape)} -> "
-      f"mask logits {tuple(mask_logits.shape)}")
+print(
+    f"MaskNet: {count_parameters(model):,} parameters; bg, bg_fg {tuple(bg.shape)} -> "
+    f"mask logits {tuple(mask_logits.shape)}"
+)
 
 # %% [markdown]
 # ## Train
@@ -120,8 +124,18 @@ print(f"MaskNet: {count_parameters(model):,} parameters; bg, bg_fg {tuple(bg.sha
 # improves), so after a disconnect set `RESUME = True` and run again. The loss is BCE on the mask logits.
 
 # %%
-cfg = Config(model="masknet", data=DATA, epochs=EPOCHS, batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, lr=LR,
-             optimizer=OPTIMIZER, workers=WORKERS, max_train_samples=MAX_TRAIN_SAMPLES, out=str(out))
+cfg = Config(
+    model="masknet",
+    data=DATA,
+    epochs=EPOCHS,
+    batch_size=BATCH_SIZE,
+    image_size=IMAGE_SIZE,
+    lr=LR,
+    optimizer=OPTIMIZER,
+    workers=WORKERS,
+    max_train_samples=MAX_TRAIN_SAMPLES,
+    out=str(out),
+)
 history = fit(cfg, data_root, resume=RESUME)
 
 # %% [markdown]

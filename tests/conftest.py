@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny hand-made MODEST-format dataset whose contents the tests know exactly."""
+
 from __future__ import annotations
 
 import zipfile
@@ -11,7 +12,9 @@ import simplejpeg
 SIZE = 64
 
 
-def write_tiny_modest(root: Path, n_bg: int = 3, n_fg: int = 2, n_place: int = 2, size: int = SIZE, seed: int = 0) -> Path:
+def write_tiny_modest(
+    root: Path, n_bg: int = 3, n_fg: int = 2, n_place: int = 2, size: int = SIZE, seed: int = 0
+) -> Path:
     """Write a MODEST-layout folder: noisy rooms, a solid rectangle 'person', exact masks and depth."""
     rng = np.random.default_rng(seed)
     for folder in ("bg", "bg_fg", "bg_fg_mask", "bg_fg_depth_map"):
@@ -32,9 +35,11 @@ def write_tiny_modest(root: Path, n_bg: int = 3, n_fg: int = 2, n_place: int = 2
                 name = f"bg{b:03d}_fg{f:03d}_{k:02d}"
                 (root / "bg_fg" / f"{name}.jpeg").write_bytes(simplejpeg.encode_jpeg(bg_fg, quality=95))
                 (root / "bg_fg_mask" / f"{name}_mask.jpeg").write_bytes(
-                    simplejpeg.encode_jpeg(mask[:, :, None], quality=95, colorspace="GRAY"))
+                    simplejpeg.encode_jpeg(mask[:, :, None], quality=95, colorspace="GRAY")
+                )
                 (root / "bg_fg_depth_map" / f"{name}_depth_map.jpeg").write_bytes(
-                    simplejpeg.encode_jpeg(depth[:, :, None], quality=95, colorspace="GRAY"))
+                    simplejpeg.encode_jpeg(depth[:, :, None], quality=95, colorspace="GRAY")
+                )
                 lines.append(f"bg{b:03d}\t{name}\t{name}_mask\t{name}_depth_map")
                 boxes.append(f"{name}.jpeg\t{x}\t{y}\t{w}\t{h}")
     (root / "file_map.txt").write_text("\n".join(lines) + "\n")

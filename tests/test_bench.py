@@ -1,4 +1,5 @@
 """Thread loader, GPU-mode data path (run on the CPU), and the bench command end to end on a tiny dataset."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_tiny_modest
+
 from lib.augment import flip_batch
 from lib.bench import measure_ours_end_to_end
 from lib.data import (
@@ -56,7 +57,10 @@ def _denormalise(x: torch.Tensor, mean, std) -> torch.Tensor:
 def test_thread_loader_yields_what_the_process_loader_yields(tiny_modest, image_size):
     dataset = ModestDataset(tiny_modest, image_size=image_size)
     threads = _batches(dataset, loader="threads", data_mode="cpu")
-    assert type(make_loader(dataset, batch_size=5, shuffle=False, num_workers=2, device="cpu", loader="threads").loader) is ThreadLoader
+    assert (
+        type(make_loader(dataset, batch_size=5, shuffle=False, num_workers=2, device="cpu", loader="threads").loader)
+        is ThreadLoader
+    )
     _assert_same(threads, _batches(dataset, loader="processes", data_mode="cpu"))
     _assert_same(threads, _batches(dataset, loader="processes", data_mode="cpu", num_workers=0))
     assert sum(len(b["name"]) for b in threads) == len(dataset)
@@ -86,7 +90,13 @@ def test_thread_loader_raises_worker_errors_and_stops_early_cleanly():
         def __getitem__(self, i):
             if i == 17:
                 raise ValueError("boom")
-            return {"name": str(i), "bg": torch.zeros(1), "bg_fg": torch.zeros(1), "mask": torch.zeros(1), "depth": torch.zeros(1)}
+            return {
+                "name": str(i),
+                "bg": torch.zeros(1),
+                "bg_fg": torch.zeros(1),
+                "mask": torch.zeros(1),
+                "depth": torch.zeros(1),
+            }
 
     loader = ThreadLoader(Broken(), batch_size=4, num_workers=2)
     assert len(loader) == 10
@@ -112,8 +122,16 @@ def test_bad_file_is_named_or_skipped_in_every_loader(tmp_path, mode, loader):
     dataset = ModestDataset(root)
     with pytest.raises(DataError, match="bg001_fg001_03.jpeg"):
         _batches(dataset, loader=loader, data_mode=mode)
-    dev = make_loader(dataset, batch_size=5, shuffle=False, num_workers=2, device="cpu", loader=loader, data_mode=mode,
-                      skip_bad_samples=True)
+    dev = make_loader(
+        dataset,
+        batch_size=5,
+        shuffle=False,
+        num_workers=2,
+        device="cpu",
+        loader=loader,
+        data_mode=mode,
+        skip_bad_samples=True,
+    )
     names = [n for b in dev for n in b["name"]]
     assert len(names) == len(dataset) - 1 and "bg001_fg001_03" not in names
     assert [name for name, _ in dev.skipped] == ["bg001_fg001_03"]
@@ -121,8 +139,16 @@ def test_bad_file_is_named_or_skipped_in_every_loader(tmp_path, mode, loader):
 
 def test_bad_background_fails_its_samples_in_gpu_mode(tmp_path):
     root = _corrupt(tmp_path, "bg/bg002.jpeg")
-    dev = make_loader(ModestDataset(root), batch_size=5, shuffle=False, num_workers=2, device="cpu", loader="threads",
-                      data_mode="gpu", skip_bad_samples=True)
+    dev = make_loader(
+        ModestDataset(root),
+        batch_size=5,
+        shuffle=False,
+        num_workers=2,
+        device="cpu",
+        loader="threads",
+        data_mode="gpu",
+        skip_bad_samples=True,
+    )
     names = [n for b in dev for n in b["name"]]
     assert names and all(n.startswith("bg001") for n in names)
     assert len(dev.skipped) == 4 and all("bg002.jpeg" in message for _, message in dev.skipped)
@@ -145,8 +171,9 @@ def test_batches_prepared_ahead_are_the_inline_batches(tiny_modest, mode, kind):
 
     def run(ahead: int) -> list[dict]:
         torch.manual_seed(3)
-        loader = make_loader(train, batch_size=5, shuffle=True, num_workers=2, device="cpu", data_mode=mode, ahead=ahead,
-                             loader=kind)
+        loader = make_loader(
+            train, batch_size=5, shuffle=True, num_workers=2, device="cpu", data_mode=mode, ahead=ahead, loader=kind
+        )
         assert loader.ahead == ahead
         return list(loader)
 
@@ -199,10 +226,13 @@ def test_gpu_mode_without_augmentation_equals_cpu_mode_exactly(tiny_modest, load
 
 def test_cpu_float_conversion_by_table_equals_the_arithmetic():
     every = torch.arange(256, dtype=torch.uint8)
-    batch = {"name": ["a", "b"], "bg": every.view(1, 1, 16, 16).expand(2, 3, 16, 16).contiguous(),
-             "bg_fg": every.flip(0).view(1, 1, 16, 16).expand(2, 3, 16, 16).contiguous(),
-             "mask": (every % 2).view(1, 1, 16, 16).expand(2, 1, 16, 16).contiguous(),
-             "depth": every.view(1, 1, 16, 16).expand(2, 1, 16, 16).contiguous()}
+    batch = {
+        "name": ["a", "b"],
+        "bg": every.view(1, 1, 16, 16).expand(2, 3, 16, 16).contiguous(),
+        "bg_fg": every.flip(0).view(1, 1, 16, 16).expand(2, 3, 16, 16).contiguous(),
+        "mask": (every % 2).view(1, 1, 16, 16).expand(2, 1, 16, 16).contiguous(),
+        "depth": every.view(1, 1, 16, 16).expand(2, 1, 16, 16).contiguous(),
+    }
     loader = DeviceLoader([], "cpu")
     assert loader._luts is not None
     fast = loader.to_device(batch)
@@ -217,19 +247,29 @@ def test_cpu_float_conversion_by_table_equals_the_arithmetic():
 def test_default_loader_is_threads_with_workers_and_inline_without(tiny_modest):
     dataset = ModestDataset(tiny_modest)
     assert type(make_loader(dataset, batch_size=4, shuffle=False, num_workers=2, device="cpu").loader) is ThreadLoader
-    assert type(make_loader(dataset, batch_size=4, shuffle=False, num_workers=0, device="cpu").loader) is torch.utils.data.DataLoader
-    assert type(make_loader(dataset, batch_size=4, shuffle=False, num_workers=2, device="cpu",
-                            loader="processes").loader) is torch.utils.data.DataLoader
+    assert (
+        type(make_loader(dataset, batch_size=4, shuffle=False, num_workers=0, device="cpu").loader)
+        is torch.utils.data.DataLoader
+    )
+    assert (
+        type(make_loader(dataset, batch_size=4, shuffle=False, num_workers=2, device="cpu", loader="processes").loader)
+        is torch.utils.data.DataLoader
+    )
 
 
 def test_auto_mode_is_cpu_on_the_cpu(tiny_modest):
-    assert make_loader(ModestDataset(tiny_modest), batch_size=4, shuffle=False, num_workers=0, device="cpu").data_mode == "cpu"
+    assert (
+        make_loader(ModestDataset(tiny_modest), batch_size=4, shuffle=False, num_workers=0, device="cpu").data_mode
+        == "cpu"
+    )
     with pytest.raises(UserError, match="data_mode"):
         make_loader(ModestDataset(tiny_modest), batch_size=4, shuffle=False, device="cpu", data_mode="tpu")
     with pytest.raises(UserError, match="loader"):
         make_loader(ModestDataset(tiny_modest), batch_size=4, shuffle=False, device="cpu", loader="fibers")
     with pytest.raises(UserError, match="CUDA"):
-        make_loader(ModestDataset(tiny_modest), batch_size=4, shuffle=False, device="cpu", data_mode="gpu", decode="device")
+        make_loader(
+            ModestDataset(tiny_modest), batch_size=4, shuffle=False, device="cpu", data_mode="gpu", decode="device"
+        )
 
 
 @pytest.mark.parametrize("image_size", [None, 32])
@@ -239,7 +279,9 @@ def test_encoded_batches_decode_to_the_same_samples(tiny_modest, image_size):
     reference = _batches(dataset, data_mode="gpu")
     backgrounds = dataset.load_backgrounds()
     for on_device in (False, True):  # True: torchvision's batched decode_jpeg, here on the CPU
-        inner = ThreadLoader(DeviceSamples(dataset, encoded=True), batch_size=5, num_workers=2, collate_fn=collate_device_samples)
+        inner = ThreadLoader(
+            DeviceSamples(dataset, encoded=True), batch_size=5, num_workers=2, collate_fn=collate_device_samples
+        )
         batches = list(DeviceLoader(inner, "cpu", dataset=dataset, backgrounds=backgrounds, decode_on_device=on_device))
         assert [b["name"] for b in batches] == [b["name"] for b in reference]
         for got, want in zip(batches, reference):
@@ -256,9 +298,17 @@ def test_encoded_batches_decode_to_the_same_samples(tiny_modest, image_size):
 def test_encoded_batches_name_a_bad_file(tmp_path):
     root = _corrupt(tmp_path, "bg_fg_depth_map/bg002_fg001_02_depth_map.jpeg")
     dataset = ModestDataset(root)
-    inner = ThreadLoader(DeviceSamples(dataset, encoded=True), batch_size=3, num_workers=2, collate_fn=collate_device_samples)
-    loader = DeviceLoader(inner, "cpu", dataset=dataset, backgrounds=dataset.load_backgrounds(), decode_on_device=True,
-                          skip_bad_samples=True)
+    inner = ThreadLoader(
+        DeviceSamples(dataset, encoded=True), batch_size=3, num_workers=2, collate_fn=collate_device_samples
+    )
+    loader = DeviceLoader(
+        inner,
+        "cpu",
+        dataset=dataset,
+        backgrounds=dataset.load_backgrounds(),
+        decode_on_device=True,
+        skip_bad_samples=True,
+    )
     names = [n for b in loader for n in b["name"]]
     assert len(names) == len(dataset) - 1
     assert "bg002_fg001_02_depth_map.jpeg" in loader.skipped[0][1]
@@ -276,7 +326,14 @@ def test_gpu_mode_flip_keeps_the_four_aligned_and_shares_the_jitter():
     mask[:, :, 2:6, 1:4] = 1  # left of centre: a flip moves it
     bg_fg[:, :, 2:6, 1:4] = torch.tensor([250, 10, 10], dtype=torch.uint8).view(3, 1, 1)
     depth = torch.arange(w, dtype=torch.uint8).mul(20).expand(n, 1, h, w).clone()
-    batch = {"name": [str(i) for i in range(n)], "errors": [], "bg_id": ids, "bg_fg": bg_fg, "mask": mask, "depth": depth}
+    batch = {
+        "name": [str(i) for i in range(n)],
+        "errors": [],
+        "bg_id": ids,
+        "bg_fg": bg_fg,
+        "mask": mask,
+        "depth": depth,
+    }
     loader = DeviceLoader([], "cpu", backgrounds=backgrounds, augment=True)
     loader.generator = torch.Generator().manual_seed(3)
     out = loader.to_device(batch)
@@ -301,8 +358,9 @@ def test_gpu_mode_augmentation_on_real_batches_keeps_mask_and_depth_aligned(tiny
     dataset = ModestDataset(tiny_modest)
     plain = {n: b for b in _batches(dataset, data_mode="cpu", batch_size=1) for n in b["name"]}
     torch.manual_seed(0)
-    loader = make_loader(dataset.subset("all", augment=True), batch_size=6, shuffle=False, num_workers=2, device="cpu",
-                         data_mode="gpu")
+    loader = make_loader(
+        dataset.subset("all", augment=True), batch_size=6, shuffle=False, num_workers=2, device="cpu", data_mode="gpu"
+    )
     assert loader.augment
     flips = 0
     for b in loader:
@@ -354,8 +412,14 @@ def test_many_member_zip_is_a_valid_zip64_that_the_index_reads(tmp_path):
 def test_bench_runs_end_to_end_and_prints_json(tmp_path):
     data = write_tiny_modest(tmp_path / "tiny")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "lib.bench", "--samples", "16", "--size", "64", "--data", str(data), "--json"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "lib.bench", "--samples", "16", "--size", "64", "--data", str(data), "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     report = json.loads(lines[-1])
@@ -384,8 +448,9 @@ def test_bench_runs_end_to_end_and_prints_json(tmp_path):
 @pytest.mark.parametrize("loader, expected", [("processes", "DataLoader"), ("threads", "ThreadLoader")])
 def test_end_to_end_measures_the_loader_it_is_given(tiny_modest, loader, expected):
     dataset = ModestDataset(tiny_modest, image_size=64)
-    r = measure_ours_end_to_end(dataset, "masknet", 8, 4, 2, torch.device("cpu"), False, data_mode="gpu",
-                                decode="cpu", loader=loader)
+    r = measure_ours_end_to_end(
+        dataset, "masknet", 8, 4, 2, torch.device("cpu"), False, data_mode="gpu", decode="cpu", loader=loader
+    )
     assert r["loader"] == expected and r["data_mode"] == "gpu" and r["decode_on_device"] is False
     assert r["samples"] == 8 and r["samples_per_s"] > 0
 

@@ -1,4 +1,5 @@
 """`data_download.py build` / lib.build: a MODEST-format dataset from your own backgrounds and cut-outs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,9 @@ def _save_model(path: Path, model_name: str) -> Path:
         with torch.no_grad():
             model.depth_head.bias.fill_(0.5)
     cfg = Config(model=model_name, image_size=32, out=str(path.parent))
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": 1,
-                           "model": model.state_dict()})
+    save_checkpoint(
+        path, {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": 1, "model": model.state_dict()}
+    )
     return path
 
 
@@ -45,8 +47,17 @@ def _cutout(height: int, width: int, colour, margin: int = 3) -> np.ndarray:
     """RGBA: an opaque ellipse with a soft edge, inside a transparent margin (trimmed away by the build)."""
     rgba = np.zeros((height + 2 * margin, width + 2 * margin, 4), np.uint8)
     rgba[..., :3] = 255  # colour under alpha 0 must not leak
-    cv2.ellipse(rgba, (margin + width // 2, margin + height // 2), (width // 2, height // 2), 0, 0, 360,
-                (*colour, 255), -1, lineType=cv2.LINE_AA)
+    cv2.ellipse(
+        rgba,
+        (margin + width // 2, margin + height // 2),
+        (width // 2, height // 2),
+        0,
+        0,
+        360,
+        (*colour, 255),
+        -1,
+        lineType=cv2.LINE_AA,
+    )
     return rgba
 
 
@@ -68,8 +79,9 @@ def built(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("build")
     bgs, fgs = _write_inputs(root)
     ckpt = _save_model(root / "depthnet.pt", "depthnet")
-    out = build_dataset(bgs, fgs, root / "mine", size=SIZE, placements=PLACEMENTS, depth_model=str(ckpt), seed=3,
-                        progress=False)
+    out = build_dataset(
+        bgs, fgs, root / "mine", size=SIZE, placements=PLACEMENTS, depth_model=str(ckpt), seed=3, progress=False
+    )
     return out, ckpt, root
 
 
@@ -113,7 +125,7 @@ def test_masks_match_the_cutouts_alpha_and_boxes_lie_inside(built):
         alpha = fgs[f][:, ::-1] if k > PLACEMENTS else fgs[f]  # the second half is flipped
         assert alpha.shape == (h, w) and 0 <= x <= SIZE - w and 0 <= y <= SIZE - h
         expected = np.zeros((SIZE, SIZE), bool)
-        expected[y:y + h, x:x + w] = alpha >= 128
+        expected[y : y + h, x : x + w] = alpha >= 128
         mask = _gray(out / "bg_fg_mask" / f"{stem}_mask.jpeg") > 127
         assert (mask != expected).mean() < 0.002, stem  # JPEG ringing may flip a pixel at most
         assert mask.sum() == pytest.approx(expected.sum(), abs=2)
@@ -135,11 +147,19 @@ def test_backgrounds_are_centre_cropped_and_depth_comes_from_the_model(built):
 
 def test_same_seed_same_dataset_and_placeholder_depth(built, tmp_path):
     out, _, root = built
-    again = build_dataset(root / "backgrounds", root / "foregrounds", tmp_path / "again", size=SIZE,
-                          placements=PLACEMENTS, seed=3, progress=False)
+    again = build_dataset(
+        root / "backgrounds",
+        root / "foregrounds",
+        tmp_path / "again",
+        size=SIZE,
+        placements=PLACEMENTS,
+        seed=3,
+        progress=False,
+    )
     assert (again / "bbox.txt").read_text() == (out / "bbox.txt").read_text()
-    assert (again / "bg_fg_mask" / "bg002_fg001_04_mask.jpeg").read_bytes() == \
-        (out / "bg_fg_mask" / "bg002_fg001_04_mask.jpeg").read_bytes()
+    assert (again / "bg_fg_mask" / "bg002_fg001_04_mask.jpeg").read_bytes() == (
+        out / "bg_fg_mask" / "bg002_fg001_04_mask.jpeg"
+    ).read_bytes()
     assert set(np.unique(_gray(again / "bg_fg_depth_map" / "bg002_fg001_04_depth_map.jpeg"))) <= {127, 128, 129}
     assert "placeholder" in json.loads((again / "dataset.json").read_text())["depth"]
 
@@ -153,9 +173,28 @@ def test_inverse_depth_becomes_brighter_farther():
 
 def test_the_command_line_builds_a_dataset(tmp_path):
     bgs, fgs = _write_inputs(tmp_path)
-    done = subprocess.run([sys.executable, "data_download.py", "build", "--backgrounds", str(bgs), "--foregrounds",
-                           str(fgs), "--out", str(tmp_path / "out"), "--size", "32", "--placements", "1", "--quiet"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "data_download.py",
+            "build",
+            "--backgrounds",
+            str(bgs),
+            "--foregrounds",
+            str(fgs),
+            "--out",
+            str(tmp_path / "out"),
+            "--size",
+            "32",
+            "--placements",
+            "1",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"wrote 8 samples to {tmp_path / 'out'} (depth: placeholder")
     assert len(ModestDataset(tmp_path / "out", image_size=32)) == 8
@@ -212,14 +251,39 @@ def _case(tmp_path: Path, case: str) -> tuple[list[str], str]:
         expected = r"out: already exists"
     else:
         raise AssertionError(case)
-    args = ["build", "--backgrounds", str(bgs), "--foregrounds", str(fgs), "--out", str(tmp_path / "out"),
-            "--size", str(SIZE), "--placements", "1", "--quiet", *extra]
+    args = [
+        "build",
+        "--backgrounds",
+        str(bgs),
+        "--foregrounds",
+        str(fgs),
+        "--out",
+        str(tmp_path / "out"),
+        "--size",
+        str(SIZE),
+        "--placements",
+        "1",
+        "--quiet",
+        *extra,
+    ]
     return args, expected
 
 
-CASES = ["cutout_jpeg", "cutout_rgb_png", "cutout_opaque", "cutout_transparent", "background_too_small",
-         "empty_backgrounds", "missing_foregrounds", "not_an_image_file", "corrupt_image", "masknet_depth_model",
-         "garbage_depth_model", "unknown_depth_model", "out_exists"]
+CASES = [
+    "cutout_jpeg",
+    "cutout_rgb_png",
+    "cutout_opaque",
+    "cutout_transparent",
+    "background_too_small",
+    "empty_backgrounds",
+    "missing_foregrounds",
+    "not_an_image_file",
+    "corrupt_image",
+    "masknet_depth_model",
+    "garbage_depth_model",
+    "unknown_depth_model",
+    "out_exists",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -236,7 +300,8 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, case):
 
 def test_bad_input_through_the_real_command_has_no_traceback(tmp_path):
     args, expected = _case(tmp_path, "cutout_jpeg")
-    done = subprocess.run([sys.executable, "data_download.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "data_download.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "carl.jpg: no alpha channel" in done.stderr and str(tmp_path) in done.stderr

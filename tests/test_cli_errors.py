@@ -2,6 +2,7 @@
 
 Every case runs `python -m lib.train` or `python -m lib.evaluate` as a subprocess on a 12-sample, 32 px dataset.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import simplejpeg
-
 from conftest import write_tiny_modest, zip_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["-m", "lib.train", "--epochs", "1", "--image-size", "32", "--workers", "0", "--batch-size", "3", "--quiet",
-         "--model", "masknet", "--optimizer", "adamw", "--lr", "0.001"]
+TRAIN = [
+    "-m",
+    "lib.train",
+    "--epochs",
+    "1",
+    "--image-size",
+    "32",
+    "--workers",
+    "0",
+    "--batch-size",
+    "3",
+    "--quiet",
+    "--model",
+    "masknet",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "0.001",
+]
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
@@ -61,8 +78,13 @@ def masknet_run(dataset, tmp_path_factory) -> Path:
     from lib.train import Config, fit
 
     out = tmp_path_factory.mktemp("run") / "masknet"
-    fit(Config(model="masknet", epochs=1, batch_size=4, image_size=32, workers=0, optimizer="adamw", lr=1e-3,
-               out=str(out)), dataset, progress=False)
+    fit(
+        Config(
+            model="masknet", epochs=1, batch_size=4, image_size=32, workers=0, optimizer="adamw", lr=1e-3, out=str(out)
+        ),
+        dataset,
+        progress=False,
+    )
     return out
 
 
@@ -74,7 +96,9 @@ def _lines(path: Path) -> list[str]:
 
 
 def test_dataset_path_that_does_not_exist(tmp_path):
-    _assert_error(_train(tmp_path / "nowhere", tmp_path / "run"), rf"{re.escape(str(tmp_path / 'nowhere'))}: dataset not found")
+    _assert_error(
+        _train(tmp_path / "nowhere", tmp_path / "run"), rf"{re.escape(str(tmp_path / 'nowhere'))}: dataset not found"
+    )
 
 
 def test_dataset_folder_that_is_empty(tmp_path):
@@ -103,7 +127,9 @@ def test_file_map_name_of_a_missing_file(copy, tmp_path):
     lines = _lines(copy / "file_map.txt")
     lines[6] = lines[6].replace("bg002_fg001_01\t", "bg002_fg001_99\t")
     (copy / "file_map.txt").write_text("\n".join(lines) + "\n")
-    _assert_error(_train(copy, tmp_path / "run"), r"file_map\.txt line 7: bg_fg file bg_fg/bg002_fg001_99\.jpeg not found")
+    _assert_error(
+        _train(copy, tmp_path / "run"), r"file_map\.txt line 7: bg_fg file bg_fg/bg002_fg001_99\.jpeg not found"
+    )
 
 
 def test_truncated_zip(dataset, tmp_path):
@@ -115,7 +141,7 @@ def test_truncated_zip(dataset, tmp_path):
 def test_corrupt_zip(dataset, tmp_path):
     data = bytearray(zip_folder(dataset, tmp_path / "whole.zip").read_bytes())
     end = data.rfind(b"PK\x05\x06")
-    data[end - 400: end] = os.urandom(400)  # the tail of the central directory
+    data[end - 400 : end] = os.urandom(400)  # the tail of the central directory
     (tmp_path / "bad.zip").write_bytes(bytes(data))
     _assert_error(_train(tmp_path / "bad.zip", tmp_path / "run"), r"bad\.zip: .*(corrupt|damaged|truncated|not found)")
 
@@ -132,12 +158,16 @@ def test_zip_without_file_map(copy, tmp_path):
 def test_corrupt_jpeg_met_in_training_names_the_file(copy, tmp_path):
     path = copy / "bg_fg" / "bg001_fg001_02.jpeg"
     path.write_bytes(path.read_bytes()[:200])  # a truncated JPEG
-    _assert_error(_train(copy, tmp_path / "run"), r"bg_fg/bg001_fg001_02\.jpeg: not a readable image.*--skip-bad-samples")
+    _assert_error(
+        _train(copy, tmp_path / "run"), r"bg_fg/bg001_fg001_02\.jpeg: not a readable image.*--skip-bad-samples"
+    )
 
 
 def test_non_image_with_a_jpeg_name_names_the_file(copy, tmp_path):
     (copy / "bg_fg_depth_map" / "bg002_fg001_03_depth_map.jpeg").write_text("<html>quota exceeded</html>")
-    _assert_error(_train(copy, tmp_path / "run"), r"bg_fg_depth_map/bg002_fg001_03_depth_map\.jpeg: not a readable image")
+    _assert_error(
+        _train(copy, tmp_path / "run"), r"bg_fg_depth_map/bg002_fg001_03_depth_map\.jpeg: not a readable image"
+    )
 
 
 @pytest.mark.slow
@@ -155,9 +185,12 @@ def test_skip_bad_samples_finishes_and_lists_them(copy, tmp_path):
 def test_images_of_a_sample_with_mismatched_sizes(copy, tmp_path):
     rng = np.random.default_rng(0)
     (copy / "bg_fg" / "bg002_fg001_05.jpeg").write_bytes(
-        simplejpeg.encode_jpeg(rng.integers(0, 255, (40, 32, 3), dtype=np.uint8)))
-    _assert_error(_train(copy, tmp_path / "run"),
-                  r"bg_fg/bg002_fg001_05\.jpeg: size 32x40 does not match its background's 32x32 .*bg/bg002\.jpeg")
+        simplejpeg.encode_jpeg(rng.integers(0, 255, (40, 32, 3), dtype=np.uint8))
+    )
+    _assert_error(
+        _train(copy, tmp_path / "run"),
+        r"bg_fg/bg002_fg001_05\.jpeg: size 32x40 does not match its background's 32x32 .*bg/bg002\.jpeg",
+    )
 
 
 @pytest.mark.slow
@@ -173,17 +206,32 @@ def test_grayscale_background_is_not_an_error(copy, tmp_path):
 # ---------------------------------------------------------------------------------------------- arguments
 
 
-@pytest.mark.parametrize("args, pattern", [
-    (["--epochs", "-1"], r"--epochs must be at least 1, not -1"),
-    (["--model", "depthnet", "--image-size", "48"], r"--image-size 48 does not work for depthnet: use a multiple of 32"),
-    (["--batch-size", "0"], r"--batch-size must be at least 1, not 0"),
-    (["--model", "unet"], r"--model must be one of masknet, depthnet, not 'unet'"),
-    (["--loss", "hinge"], r"--loss 'hinge' does not fit masknet"),
-    (["--lr", "-0.1"], r"--lr must be a positive number"),
-    (["--workers", "-2"], r"--workers must be 0 or more"),
-    (["--ahead", "-1"], r"--ahead must be 0 or more, not -1"),
-], ids=["negative_epochs", "depthnet_size", "batch_size_0", "unknown_model", "unknown_loss", "negative_lr", "workers",
-        "ahead"])
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--epochs", "-1"], r"--epochs must be at least 1, not -1"),
+        (
+            ["--model", "depthnet", "--image-size", "48"],
+            r"--image-size 48 does not work for depthnet: use a multiple of 32",
+        ),
+        (["--batch-size", "0"], r"--batch-size must be at least 1, not 0"),
+        (["--model", "unet"], r"--model must be one of masknet, depthnet, not 'unet'"),
+        (["--loss", "hinge"], r"--loss 'hinge' does not fit masknet"),
+        (["--lr", "-0.1"], r"--lr must be a positive number"),
+        (["--workers", "-2"], r"--workers must be 0 or more"),
+        (["--ahead", "-1"], r"--ahead must be 0 or more, not -1"),
+    ],
+    ids=[
+        "negative_epochs",
+        "depthnet_size",
+        "batch_size_0",
+        "unknown_model",
+        "unknown_loss",
+        "negative_lr",
+        "workers",
+        "ahead",
+    ],
+)
 def test_nonsense_arguments_are_named(dataset, tmp_path, args, pattern):
     _assert_error(_train(dataset, tmp_path / "run", *args), pattern)
     assert not (tmp_path / "run").exists()  # refused before anything was written
@@ -200,8 +248,10 @@ def test_argument_of_the_wrong_type_is_an_argparse_error(dataset, tmp_path):
 
 def test_resume_with_the_other_model(masknet_run, dataset, tmp_path):
     out = Path(shutil.copytree(masknet_run, tmp_path / "run"))
-    line = _assert_error(_train(dataset, out, "--model", "depthnet", "--resume", "--epochs", "2"),
-                         r"last\.pt: holds a masknet checkpoint, but --model is depthnet")
+    line = _assert_error(
+        _train(dataset, out, "--model", "depthnet", "--resume", "--epochs", "2"),
+        r"last\.pt: holds a masknet checkpoint, but --model is depthnet",
+    )
     assert str(out) in line
 
 
@@ -212,34 +262,59 @@ def test_resume_with_no_checkpoint(dataset, tmp_path):
 def test_resume_from_a_file_that_is_not_a_checkpoint(dataset, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.pt").write_bytes(os.urandom(1000))
-    _assert_error(_train(dataset, tmp_path / "run", "--resume", "--epochs", "2"), r"run/last\.pt: not a readable checkpoint")
+    _assert_error(
+        _train(dataset, tmp_path / "run", "--resume", "--epochs", "2"), r"run/last\.pt: not a readable checkpoint"
+    )
 
 
 def test_evaluate_with_a_garbage_checkpoint(dataset, tmp_path):
     (tmp_path / "model.pt").write_text("definitely not torch")
-    _assert_error(_run(["-m", "lib.evaluate", "--checkpoint", str(tmp_path / "model.pt"), "--data", str(dataset)]),
-                  r"model\.pt: not a readable checkpoint")
+    _assert_error(
+        _run(["-m", "lib.evaluate", "--checkpoint", str(tmp_path / "model.pt"), "--data", str(dataset)]),
+        r"model\.pt: not a readable checkpoint",
+    )
 
 
 def test_evaluate_with_a_foreign_torch_file(dataset, tmp_path):
     import torch
 
     torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "foreign.pt")
-    _assert_error(_run(["-m", "lib.evaluate", "--checkpoint", str(tmp_path / "foreign.pt"), "--data", str(dataset)]),
-                  r"foreign\.pt: not a checkpoint written by lib\.train")
+    _assert_error(
+        _run(["-m", "lib.evaluate", "--checkpoint", str(tmp_path / "foreign.pt"), "--data", str(dataset)]),
+        r"foreign\.pt: not a checkpoint written by lib\.train",
+    )
 
 
 def test_evaluate_on_a_missing_dataset(masknet_run, tmp_path):
-    _assert_error(_run(["-m", "lib.evaluate", "--checkpoint", str(masknet_run / "last.pt"), "--data",
-                        str(tmp_path / "gone")]), r"gone: dataset not found")
+    _assert_error(
+        _run(["-m", "lib.evaluate", "--checkpoint", str(masknet_run / "last.pt"), "--data", str(tmp_path / "gone")]),
+        r"gone: dataset not found",
+    )
 
 
 def test_evaluate_meets_a_corrupt_image(masknet_run, copy):
     (copy / "bg" / "bg002.jpeg").write_bytes(b"GIF89a not even a jpeg")
-    _assert_error(_run(["-m", "lib.evaluate", "--checkpoint", str(masknet_run / "last.pt"), "--data", str(copy),
-                        "--workers", "0"]), r"bg/bg002\.jpeg: not a readable image")
+    _assert_error(
+        _run(
+            ["-m", "lib.evaluate", "--checkpoint", str(masknet_run / "last.pt"), "--data", str(copy), "--workers", "0"]
+        ),
+        r"bg/bg002\.jpeg: not a readable image",
+    )
 
 
 def test_evaluate_with_nonsense_arguments(masknet_run, dataset):
-    _assert_error(_run(["-m", "lib.evaluate", "--checkpoint", str(masknet_run / "last.pt"), "--data", str(dataset),
-                        "--batch-size", "0"]), r"--batch-size must be at least 1, not 0")
+    _assert_error(
+        _run(
+            [
+                "-m",
+                "lib.evaluate",
+                "--checkpoint",
+                str(masknet_run / "last.pt"),
+                "--data",
+                str(dataset),
+                "--batch-size",
+                "0",
+            ]
+        ),
+        r"--batch-size must be at least 1, not 0",
+    )

@@ -2,6 +2,7 @@
 
 Run on a GPU machine with: python -m pytest -q tests/test_cuda.py
 """
+
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,10 @@ def test_amp_channels_last_forward_backward(name):
     model = make_model(name).to(device, memory_format=torch.channels_last)
     bg = torch.randn(4, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
     bg_fg = torch.randn(4, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
-    batch = {"mask": (torch.rand(4, 1, 64, 64, device=device) > 0.5).float(), "depth": torch.rand(4, 1, 64, 64, device=device)}
+    batch = {
+        "mask": (torch.rand(4, 1, 64, 64, device=device) > 0.5).float(),
+        "depth": torch.rand(4, 1, 64, 64, device=device),
+    }
     dtype = autocast_dtype(device, True)
     assert dtype in (torch.bfloat16, torch.float16)
     with torch.autocast("cuda", dtype=dtype):
@@ -38,7 +42,16 @@ def test_amp_channels_last_forward_backward(name):
 
 
 def test_fit_on_cuda_writes_a_resumable_run(tiny_modest, tmp_path):
-    cfg = Config(model="depthnet", epochs=2, batch_size=8, image_size=64, lr=1e-3, optimizer="adamw", workers=2, out=str(tmp_path))
+    cfg = Config(
+        model="depthnet",
+        epochs=2,
+        batch_size=8,
+        image_size=64,
+        lr=1e-3,
+        optimizer="adamw",
+        workers=2,
+        out=str(tmp_path),
+    )
     history = fit(cfg, tiny_modest, progress=False)
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(r["val_loss"])) for r in history)
     state = load_checkpoint(tmp_path / "last.pt")

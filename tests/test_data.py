@@ -1,18 +1,28 @@
 """MODEST reading from folders and zips, splits, binarisation, loaders, augmentation alignment."""
+
 from __future__ import annotations
 
-import shutil
 import zipfile
 
 import numpy as np
 import pytest
 import simplejpeg
 import torch
-
 from conftest import write_tiny_modest, zip_folder
-from lib.augment import apply_augment, jitter_batch, make_train_augment, _hsv_to_rgb, _rgb_to_hsv
-from lib.data import (BG_MEAN, BG_STD, ModestDataset, _resize_tensor, make_loader, make_loaders, make_split, normalize,
-                      resize, stack_channels_last)
+
+from lib.augment import _hsv_to_rgb, _rgb_to_hsv, apply_augment, jitter_batch, make_train_augment
+from lib.data import (
+    BG_MEAN,
+    BG_STD,
+    ModestDataset,
+    _resize_tensor,
+    make_loader,
+    make_loaders,
+    make_split,
+    normalize,
+    resize,
+    stack_channels_last,
+)
 from lib.errors import DataError, UserError
 from lib.zipindex import ZipIndex
 
@@ -57,7 +67,8 @@ def test_mask_binarised_at_128(tmp_path):
     mask[:, :32] = 140  # JPEG-ish grey just above the threshold
     mask[:, 32:] = 110
     (root / "bg_fg_mask" / "bg001_fg001_01_mask.jpeg").write_bytes(
-        simplejpeg.encode_jpeg(mask, quality=100, colorspace="GRAY"))
+        simplejpeg.encode_jpeg(mask, quality=100, colorspace="GRAY")
+    )
     out = ModestDataset(root)[0]["mask"][0]
     assert out[:, :30].min() == 1 and out[:, 34:].max() == 0
 

@@ -2,6 +2,7 @@
 
 Each torchrun run starts two Python processes that import torch, so the file takes about a minute.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_tiny_modest
+
 from lib.data import make_split
 from lib.train import EpochSampler, ShardSampler, load_checkpoint
 
@@ -24,16 +25,39 @@ RUN_FILES = {"last.pt", "best.pt", "history.json", "curves.png", "predictions.pn
 
 def _torchrun(args: list[str], cwd: Path = ROOT, script: str | None = None) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc_per_node=2 --standalone -m lib.train ARGS` on the CPU (gloo)."""
-    env = {**os.environ, "MPLBACKEND": "Agg", "LIB_DEVICE": "cpu", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "MPLBACKEND": "Agg",
+        "LIB_DEVICE": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     target = [script] if script else ["-m", "lib.train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *target, *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _train_args(data: Path, out: Path, epochs: int) -> list[str]:
-    return ["--data", str(data), "--out", str(out), "--epochs", str(epochs), "--batch-size", "4", "--image-size", "32",
-            "--workers", "0", "--quiet", "--optimizer", "adamw", "--lr", "0.003", "--skip-bad-samples"]
+    return [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.003",
+        "--skip-bad-samples",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +90,23 @@ def _evaluate_in_process(checkpoint: Path, data: Path, capsys) -> dict:
     from lib.evaluate import main
 
     capsys.readouterr()
-    assert main(["--checkpoint", str(checkpoint), "--data", str(data), "--split", "val", "--workers", "0",
-                 "--batch-size", "5"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--data",
+                str(data),
+                "--split",
+                "val",
+                "--workers",
+                "0",
+                "--batch-size",
+                "5",
+            ]
+        )
+        == 0
+    )
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
@@ -79,8 +118,16 @@ def test_ddp_validation_metrics_equal_a_single_process_evaluate(straight_run, dd
     single = _evaluate_in_process(out / "last.pt", ddp_data[0], capsys)
     assert last["samples"] == single["samples"] == 7  # shards of 4 and 3: each val sample counted once
     assert last["depth_rmse"] > 0
-    for key in ("mask_iou", "mask_iou_total", "mask_dice", "depth_rmse", "depth_mae", "depth_absrel", "depth_delta1",
-                "depth_ssim"):
+    for key in (
+        "mask_iou",
+        "mask_iou_total",
+        "mask_dice",
+        "depth_rmse",
+        "depth_mae",
+        "depth_absrel",
+        "depth_delta1",
+        "depth_ssim",
+    ):
         assert last[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
 
 
@@ -121,11 +168,16 @@ def test_resume_under_torchrun_continues_like_the_straight_run(straight_run, ddp
 def test_two_ranks_make_the_synthetic_demo_data_once(tmp_path):
     """Without a lock, both ranks generated data/synthetic-... and one crashed renaming the other's folder."""
     script = tmp_path / "demo.py"
-    script.write_text("import sys\nimport lib.train as train\nfrom lib.errors import run_cli\n"
-                      "train.DEMO_DATA = dict(size=32, backgrounds=3, foregrounds=2, placements=2, seed=0)\n"
-                      "sys.exit(run_cli(train.main))\n")
-    done = _torchrun(["--epochs", "1", "--image-size", "32", "--workers", "0", "--quiet", "--out", "runs/x"],
-                     cwd=tmp_path, script=str(script))
+    script.write_text(
+        "import sys\nimport lib.train as train\nfrom lib.errors import run_cli\n"
+        "train.DEMO_DATA = dict(size=32, backgrounds=3, foregrounds=2, placements=2, seed=0)\n"
+        "sys.exit(run_cli(train.main))\n"
+    )
+    done = _torchrun(
+        ["--epochs", "1", "--image-size", "32", "--workers", "0", "--quiet", "--out", "runs/x"],
+        cwd=tmp_path,
+        script=str(script),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "data" / "synthetic-32px-3x2x4-seed0" / "file_map.txt").is_file()
     assert load_checkpoint(tmp_path / "runs" / "x" / "last.pt")["epoch"] == 1

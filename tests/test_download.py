@@ -1,4 +1,5 @@
 """data_download.py and lib/download.py against a real HTTP server on 127.0.0.1 (gdown does the downloading)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -50,21 +51,31 @@ def write_modest_folder(root: Path, n_bg: int = 2, n_fg: int = 2, n_place: int =
         (root / folder).mkdir(parents=True, exist_ok=True)
     lines, boxes = [], []
     for b in range(1, n_bg + 1):
-        (root / "bg" / f"bg{b:03d}.jpeg").write_bytes(simplejpeg.encode_jpeg(rng.integers(0, 255, (size, size, 3), np.uint8)))
+        (root / "bg" / f"bg{b:03d}.jpeg").write_bytes(
+            simplejpeg.encode_jpeg(rng.integers(0, 255, (size, size, 3), np.uint8))
+        )
         for f in range(1, n_fg + 1):
             for k in range(1, 2 * n_place + 1):
                 name = f"bg{b:03d}_fg{f:03d}_{k:02d}"
                 gray = lambda: rng.integers(0, 255, (size, size, 1), np.uint8)  # noqa: E731
-                (root / "bg_fg" / f"{name}.jpeg").write_bytes(simplejpeg.encode_jpeg(rng.integers(0, 255, (size, size, 3), np.uint8)))
-                (root / "bg_fg_mask" / f"{name}_mask.jpeg").write_bytes(simplejpeg.encode_jpeg(gray(), colorspace="GRAY"))
-                (root / "bg_fg_depth_map" / f"{name}_depth_map.jpeg").write_bytes(simplejpeg.encode_jpeg(gray(), colorspace="GRAY"))
+                (root / "bg_fg" / f"{name}.jpeg").write_bytes(
+                    simplejpeg.encode_jpeg(rng.integers(0, 255, (size, size, 3), np.uint8))
+                )
+                (root / "bg_fg_mask" / f"{name}_mask.jpeg").write_bytes(
+                    simplejpeg.encode_jpeg(gray(), colorspace="GRAY")
+                )
+                (root / "bg_fg_depth_map" / f"{name}_depth_map.jpeg").write_bytes(
+                    simplejpeg.encode_jpeg(gray(), colorspace="GRAY")
+                )
                 lines.append(f"bg{b:03d}\t{name}\t{name}_mask\t{name}_depth_map")
                 boxes.append(f"{name}.jpeg\t1\t2\t3\t4")
     (root / "file_map.txt").write_text("\n".join(lines) + "\n")
     (root / "bbox.txt").write_text("\n".join(boxes) + "\n")
     (root / "fg").mkdir(exist_ok=True)
     for f in range(1, n_fg + 1):  # noise PNGs: they make the zip bigger than gdown's 512 KB chunks
-        Image.fromarray(rng.integers(0, 255, (400, 400, 4), np.uint8)).save(root / "fg" / f"fg{f:03d}.png", compress_level=1)
+        Image.fromarray(rng.integers(0, 255, (400, 400, 4), np.uint8)).save(
+            root / "fg" / f"fg{f:03d}.png", compress_level=1
+        )
     return root
 
 
@@ -84,8 +95,10 @@ def flip_member_byte(data: bytes, member: str) -> bytes:
     """A copy of zip `data` with one byte flipped inside `member`'s stored data (the central directory intact)."""
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         info = z.getinfo(member)
-    name_len, extra_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"), int.from_bytes(
-        data[info.header_offset + 28 : info.header_offset + 30], "little")
+    name_len, extra_len = (
+        int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"),
+        int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little"),
+    )
     at = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
     return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
 
@@ -110,7 +123,7 @@ class Server:
                 if data is None:
                     self.send_error(404)
                     return
-                etag = '"%s"' % hashlib.sha1(data).hexdigest()[:16]
+                etag = f'"{hashlib.sha1(data).hexdigest()[:16]}"'
                 start, status = 0, 200
                 rng = self.headers.get("Range")
                 if rng and self.headers.get("If-Range", etag) == etag:
@@ -163,7 +176,9 @@ def server():
 def no_gdown_cookies(monkeypatch, tmp_path_factory):
     """gdown saves Google cookies under ~/.cache; keep them in a scratch folder."""
     gdown_module = importlib.import_module("gdown.download")  # `gdown.download` is also the function's name
-    monkeypatch.setattr(gdown_module, "DEFAULT_COOKIES_FILE", str(tmp_path_factory.mktemp("gdown") / "cookies.txt"), raising=False)
+    monkeypatch.setattr(
+        gdown_module, "DEFAULT_COOKIES_FILE", str(tmp_path_factory.mktemp("gdown") / "cookies.txt"), raising=False
+    )
 
 
 def cli(*args: str, url: str | None = None) -> subprocess.CompletedProcess:
@@ -172,7 +187,9 @@ def cli(*args: str, url: str | None = None) -> subprocess.CompletedProcess:
     env.pop(download.URL_ENV, None)
     if url is not None:
         env[download.URL_ENV] = url
-    return subprocess.run([sys.executable, "data_download.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "data_download.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess) -> str:
@@ -291,7 +308,9 @@ def test_network_failures_are_one_line(server, tmp_path):
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/modest.zip"
     line = assert_one_line_error(cli("modest", "--out", str(tmp_path), "--retries", "0", "--quiet", url=dead))
     assert "cannot reach 127.0.0.1" in line
-    line = assert_one_line_error(cli("modest", "--out", str(tmp_path), "--retries", "0", "--quiet", url=server.url + "/missing.zip"))
+    line = assert_one_line_error(
+        cli("modest", "--out", str(tmp_path), "--retries", "0", "--quiet", url=server.url + "/missing.zip")
+    )
     assert "404" in line
 
 
@@ -340,7 +359,9 @@ def test_expected_size_and_sha256_are_enforced(good_zip, tmp_path):
         download.verify_zip(path, expected_size=len(good_zip) + 1, progress=False)
     with pytest.raises(DataError, match="sha256"):
         download.verify_zip(path, expected_sha256="0" * 64, progress=False)
-    report = download.verify_zip(path, expected_size=len(good_zip), expected_sha256=hashlib.sha256(good_zip).hexdigest(), progress=False)
+    report = download.verify_zip(
+        path, expected_size=len(good_zip), expected_sha256=hashlib.sha256(good_zip).hexdigest(), progress=False
+    )
     assert report.checks["sha256"] == "as expected" and report.prefix == f"{TOP}/"
 
 
@@ -372,7 +393,10 @@ def test_extract_is_atomic_and_verifiable(good_zip, tmp_path):
     assert res.returncode == 0 and f"extracted to {tmp_path / TOP}" in res.stdout, res.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [TOP]  # no temporary folder left
     assert cli("verify", str(tmp_path / TOP), "--quiet").returncode == 0
-    assert "already extracted" in cli("modest", "--out", str(tmp_path), "--from", str(src), "--in-place", "--extract", "--quiet").stdout
+    assert (
+        "already extracted"
+        in cli("modest", "--out", str(tmp_path), "--from", str(src), "--in-place", "--extract", "--quiet").stdout
+    )
 
 
 def test_extract_stops_on_a_damaged_member_and_leaves_nothing(good_zip, tmp_path):
@@ -389,14 +413,43 @@ def test_extract_stops_on_a_damaged_member_and_leaves_nothing(good_zip, tmp_path
 
 @pytest.mark.skipif(not (ROOT / "lib" / "synthetic.py").exists(), reason="lib/synthetic.py not written yet")
 def test_synthetic_command_writes_a_verifiable_dataset(tmp_path):
-    res = cli("synthetic", "--out", str(tmp_path / "syn"), "--size", "32", "--backgrounds", "2", "--foregrounds", "2",
-              "--placements", "1", "--workers", "1", "--quiet")
+    res = cli(
+        "synthetic",
+        "--out",
+        str(tmp_path / "syn"),
+        "--size",
+        "32",
+        "--backgrounds",
+        "2",
+        "--foregrounds",
+        "2",
+        "--placements",
+        "1",
+        "--workers",
+        "1",
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr
     assert "wrote 8 samples" in res.stdout
     path = res.stdout.strip().split(" to ", 1)[1]
     assert cli("verify", path, "--quiet").returncode == 0
-    res = cli("synthetic", "--out", str(tmp_path / "syn"), "--size", "32", "--backgrounds", "2", "--foregrounds", "1",
-              "--placements", "1", "--workers", "1", "--zip", "--quiet")
+    res = cli(
+        "synthetic",
+        "--out",
+        str(tmp_path / "syn"),
+        "--size",
+        "32",
+        "--backgrounds",
+        "2",
+        "--foregrounds",
+        "1",
+        "--placements",
+        "1",
+        "--workers",
+        "1",
+        "--zip",
+        "--quiet",
+    )
     assert res.returncode == 0 and "wrote 4 samples" in res.stdout, res.stderr
     path = res.stdout.strip().split(" to ", 1)[1]
     assert path.endswith(".zip") and cli("verify", path, "--quiet").returncode == 0

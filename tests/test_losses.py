@@ -1,4 +1,5 @@
 """Losses: hand-computed values on perfect / half / worst inputs, SSIM against skimage, the named registry."""
+
 import math
 
 import numpy as np
@@ -79,8 +80,13 @@ def skimage_ssim(pred, target):
     return np.array(
         [
             structural_similarity(
-                p.numpy(), t.numpy(), channel_axis=0, gaussian_weights=True, sigma=1.5,
-                use_sample_covariance=False, data_range=1.0,
+                p.numpy(),
+                t.numpy(),
+                channel_axis=0,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+                data_range=1.0,
             )
             for p, t in zip(pred.double(), target.double())
         ]

@@ -1,4 +1,5 @@
 """Metrics: hand examples, a numpy reference, and accumulation over batches equal to one concatenated batch."""
+
 import math
 
 import numpy as np

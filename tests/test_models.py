@@ -1,4 +1,5 @@
 """MaskNet and DepthNet: shapes, parameter counts, backward, channels_last, autocast, size checks."""
+
 import os
 
 import pytest

@@ -1,5 +1,6 @@
 """The notebooks: paired and in sync, committed clean, mirroring each other, Colab links built from lib.colab's slug;
 make_figures.py; and (slow) both notebooks executed headless with papermill on the synthetic data."""
+
 from __future__ import annotations
 
 import ast
@@ -22,8 +23,19 @@ from lib.colab import BRANCH, REPO, find_clone_urls, find_colab_links, make_badg
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {"masknet": "MaskNet", "depthnet": "DepthNet"}
-REQUIRED_PARAMETERS = {"DATA": "modest", "EPOCHS": 12, "BATCH_SIZE": None, "IMAGE_SIZE": 224, "OUT": None, "RESUME": False,
-                       "MOUNT_DRIVE": True, "WORKERS": None, "MAX_TRAIN_SAMPLES": None, "LR": None, "OPTIMIZER": None}
+REQUIRED_PARAMETERS = {
+    "DATA": "modest",
+    "EPOCHS": 12,
+    "BATCH_SIZE": None,
+    "IMAGE_SIZE": 224,
+    "OUT": None,
+    "RESUME": False,
+    "MOUNT_DRIVE": True,
+    "WORKERS": None,
+    "MAX_TRAIN_SAMPLES": None,
+    "LR": None,
+    "OPTIMIZER": None,
+}
 
 
 def notebook_path(name: str, ext: str) -> Path:
@@ -33,8 +45,13 @@ def notebook_path(name: str, ext: str) -> Path:
 def headings(nb, level: int) -> list[str]:
     """Markdown headings of one level, in order."""
     marks = "#" * level + " "
-    return [line[len(marks):].strip() for cell in nb.cells if cell.cell_type == "markdown"
-            for line in cell.source.splitlines() if line.startswith(marks)]
+    return [
+        line[len(marks) :].strip()
+        for cell in nb.cells
+        if cell.cell_type == "markdown"
+        for line in cell.source.splitlines()
+        if line.startswith(marks)
+    ]
 
 
 def parameters_cell(nb):
@@ -100,7 +117,9 @@ def test_notebooks_mirror_each_other():
         (heading,) = headings(nb, 1)
         assert heading.startswith(f"{title}:"), heading
         sections[name] = [re.sub(title, "MODEL", h, flags=re.I) for h in headings(nb, 2)]
-        assert {"Setup", "Parameters", "Data", "Model", "Train", "Curves", "Predictions", "Metrics"} <= set(sections[name])
+        assert {"Setup", "Parameters", "Data", "Model", "Train", "Curves", "Predictions", "Metrics"} <= set(
+            sections[name]
+        )
     assert sections["masknet"] == sections["depthnet"]
     cells = {name: [c.cell_type for c in jupytext.read(notebook_path(name, "py")).cells] for name in NOTEBOOKS}
     assert cells["masknet"] == cells["depthnet"]
@@ -148,14 +167,19 @@ def test_sync_links_rewrites_a_changed_slug(tmp_path):
     for ext in ("py", "ipynb"):
         shutil.copy(notebook_path("depthnet", ext), tmp_path / f"depthnet.{ext}")
     readme = tmp_path / "README.md"
-    readme.write_text("git clone https://github.com/old/name.git\n" + make_badge("notebooks/masknet.ipynb", repo="old/name"))
+    readme.write_text(
+        "git clone https://github.com/old/name.git\n" + make_badge("notebooks/masknet.ipynb", repo="old/name")
+    )
     changed = sync_links(sorted(tmp_path.iterdir()), repo="someone/else")
     assert len(changed) == 3
     for path in changed:
         text = path.read_text()
         assert {repo for repo, _, _ in find_colab_links(text)} == {"someone/else"}
         assert set(find_clone_urls(text)) == {"someone/else"}
-    assert jupytext.read(tmp_path / "depthnet.py").cells[2].source == jupytext.read(tmp_path / "depthnet.ipynb").cells[2].source
+    assert (
+        jupytext.read(tmp_path / "depthnet.py").cells[2].source
+        == jupytext.read(tmp_path / "depthnet.ipynb").cells[2].source
+    )
     assert sync_links(sorted(tmp_path.iterdir()), repo="someone/else") == []
 
 
@@ -163,8 +187,12 @@ def test_sync_links_rewrites_a_changed_slug(tmp_path):
 
 
 def test_make_figures_without_a_run_says_so(tmp_path):
-    result = subprocess.run([sys.executable, "make_figures.py", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "make_figures.py", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "python -m lib.train" in result.stderr
     assert not list(tmp_path.glob("*.png"))
@@ -177,8 +205,10 @@ def test_make_figures_from_a_finished_run(tiny_modest, tmp_path, monkeypatch):
     from lib.train import Config, fit
 
     run = tmp_path / "run"
-    fit(Config(model="masknet", data=str(tiny_modest), epochs=1, batch_size=8, image_size=32, workers=0, out=str(run)),
-        progress=False)
+    fit(
+        Config(model="masknet", data=str(tiny_modest), epochs=1, batch_size=8, image_size=32, workers=0, out=str(run)),
+        progress=False,
+    )
     assert make_figures.main(["--run", str(run), "--out", str(tmp_path / "images"), "--data", str(tiny_modest)]) == 0
     for name in ("dataset_grid", "curves", "predictions", "widget"):
         image = matplotlib.image.imread(tmp_path / "images" / f"{name}.png")
@@ -200,9 +230,13 @@ def python3_kernel() -> str:
 
 def png_outputs(nb) -> list[np.ndarray]:
     """Every image/png a cell displayed, decoded."""
-    return [matplotlib.image.imread(io.BytesIO(base64.b64decode(out.data["image/png"])), format="png")
-            for cell in nb.cells if cell.cell_type == "code"
-            for out in cell.outputs if "image/png" in out.get("data", {})]
+    return [
+        matplotlib.image.imread(io.BytesIO(base64.b64decode(out.data["image/png"])), format="png")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if "image/png" in out.get("data", {})
+    ]
 
 
 @pytest.mark.slow
@@ -213,10 +247,18 @@ def test_notebook_runs_headless(name, tmp_path, python3_kernel, monkeypatch):
 
     monkeypatch.setenv("MPLBACKEND", "Agg")
     run = tmp_path / "run"
-    parameters = dict(DATA="synthetic", EPOCHS=1, IMAGE_SIZE=64, BATCH_SIZE=16, MAX_TRAIN_SAMPLES=64, WORKERS=2, OUT=str(run))
+    parameters = dict(
+        DATA="synthetic", EPOCHS=1, IMAGE_SIZE=64, BATCH_SIZE=16, MAX_TRAIN_SAMPLES=64, WORKERS=2, OUT=str(run)
+    )
     output = tmp_path / f"{name}.ipynb"
-    papermill.execute_notebook(str(notebook_path(name, "ipynb")), str(output), parameters=parameters,
-                               kernel_name=python3_kernel, cwd=str(ROOT / "notebooks"), progress_bar=False)
+    papermill.execute_notebook(
+        str(notebook_path(name, "ipynb")),
+        str(output),
+        parameters=parameters,
+        kernel_name=python3_kernel,
+        cwd=str(ROOT / "notebooks"),
+        progress_bar=False,
+    )
     nb = nbformat.read(output, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), "a cell did not run"

@@ -1,4 +1,5 @@
 """lib.predict: your own (bg, bg_fg) photos through a saved checkpoint, any size in, same size out; clear errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,21 @@ def _save_model(path: Path, model_name: str, image_size: int | None) -> Path:
         if model_name == "depthnet":
             model.depth_head.bias.fill_(0.5)  # depth inside (0, 1)
     cfg = Config(model=model_name, image_size=image_size, out=str(path.parent))
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(cfg), "epoch": 1,
-                           "model": model.state_dict(), "optimizer": None, "scheduler": None, "scaler": None,
-                           "history": [], "best_val_loss": float("inf"), "rng": None})
+    save_checkpoint(
+        path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": dataclasses.asdict(cfg),
+            "epoch": 1,
+            "model": model.state_dict(),
+            "optimizer": None,
+            "scheduler": None,
+            "scaler": None,
+            "history": [],
+            "best_val_loss": float("inf"),
+            "rng": None,
+        },
+    )
     return path
 
 
@@ -51,7 +64,7 @@ def _photo(path: Path, width: int, height: int, seed: int, person: bool = False,
     rng = np.random.default_rng(seed)
     img = rng.integers(30, 220, (height, width, 3), dtype=np.uint8)
     if person:
-        img[height // 4: 3 * height // 4, width // 3: width // 2] = (40, 40, 230)
+        img[height // 4 : 3 * height // 4, width // 3 : width // 2] = (40, 40, 230)
     if gray:
         img = img[..., 0]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +81,12 @@ def _read(path: Path) -> np.ndarray:
 def test_depthnet_outputs_have_the_input_size_and_the_right_types(depthnet_ckpt, tmp_path, capsys):
     bg = _photo(tmp_path / "in" / "room.jpg", 100, 75, 1)
     bg_fg = _photo(tmp_path / "in" / "room_me.png", 100, 75, 1, person=True)
-    assert main(["--checkpoint", str(depthnet_ckpt), "--bg", str(bg), "--bg-fg", str(bg_fg), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            ["--checkpoint", str(depthnet_ckpt), "--bg", str(bg), "--bg-fg", str(bg_fg), "--out", str(tmp_path / "out")]
+        )
+        == 0
+    )
     assert "done: 1 pair(s) through depthnet at 32x32" in capsys.readouterr().out
     mask = _read(tmp_path / "out" / "room_me_mask.png")
     assert mask.shape == (75, 100) and mask.dtype == np.uint8
@@ -84,8 +102,22 @@ def test_depthnet_outputs_have_the_input_size_and_the_right_types(depthnet_ckpt,
 def test_masknet_without_a_training_size_runs_at_native_size_and_writes_no_depth(masknet_ckpt, tmp_path):
     bg = _photo(tmp_path / "bg.png", 37, 23, 2, gray=True)  # grayscale input is fine
     bg_fg = _photo(tmp_path / "bg_fg.png", 37, 23, 2, person=True)
-    assert main(["--checkpoint", str(masknet_ckpt), "--bg", str(bg), "--bg-fg", str(bg_fg), "--out", str(tmp_path / "out"),
-                 "--no-figure"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(masknet_ckpt),
+                "--bg",
+                str(bg),
+                "--bg-fg",
+                str(bg_fg),
+                "--out",
+                str(tmp_path / "out"),
+                "--no-figure",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bg_fg_mask.png"]
     assert _read(tmp_path / "out" / "bg_fg_mask.png").shape == (23, 37)
 
@@ -130,8 +162,12 @@ def test_folders_pair_by_name_or_name_prefix(tmp_path):
         _photo(tmp_path / "bg_fg" / name, 8, 8, 0)
     (tmp_path / "bg_fg" / ".DS_Store").write_bytes(b"junk")
     pairs = {fg.name: bg.name for bg, fg in find_pairs(tmp_path / "bg", tmp_path / "bg_fg")}
-    assert pairs == {"kitchen.png": "kitchen.jpg", "kitchen_2.jpg": "kitchen.jpg", "hall_1.jpg": "hall.png",
-                     "hall_big_3.jpg": "hall_big.png"}
+    assert pairs == {
+        "kitchen.png": "kitchen.jpg",
+        "kitchen_2.jpg": "kitchen.jpg",
+        "hall_1.jpg": "hall.png",
+        "hall_big_3.jpg": "hall_big.png",
+    }
     one = find_pairs(tmp_path / "bg" / "hall.png", tmp_path / "bg_fg")  # one background, every shot
     assert len(one) == 4 and {bg.name for bg, _ in one} == {"hall.png"}
     _photo(tmp_path / "bg_fg" / "garden.jpg", 8, 8, 0)
@@ -141,14 +177,17 @@ def test_folders_pair_by_name_or_name_prefix(tmp_path):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "-m", "lib.predict", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lib.predict", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_writes_outputs_and_errors_are_one_line(depthnet_ckpt, tmp_path):
     bg = _photo(tmp_path / "bg.jpg", 64, 48, 4)
     bg_fg = _photo(tmp_path / "bg_fg.jpg", 64, 48, 4, person=True)
-    done = _cli("--checkpoint", str(depthnet_ckpt), "--bg", str(bg), "--bg-fg", str(bg_fg), "--out", str(tmp_path / "out"))
+    done = _cli(
+        "--checkpoint", str(depthnet_ckpt), "--bg", str(bg), "--bg-fg", str(bg_fg), "--out", str(tmp_path / "out")
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "bg_fg_depth.png").is_file()
     garbage = tmp_path / "garbage.pt"

@@ -1,4 +1,5 @@
 """The procedural MODEST-format dataset: layout, determinism, physics, flips, resume, zip (tiny sizes, seconds)."""
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,8 @@ def test_layout_matches_modest(dataset):
     for folder, count in counts.items():
         assert len(list((dataset / folder).iterdir())) == count, folder
     assert sorted(p.name for p in dataset.iterdir()) == sorted(
-        ["bbox.txt", "dataset.json", "file_map.txt", *synthetic.FOLDERS])
+        ["bbox.txt", "dataset.json", "file_map.txt", *synthetic.FOLDERS]
+    )
     boxes = read_bbox(dataset)
     assert list(boxes) == [ln.split("\t")[1] for ln in lines]
     for x, y, w, h in boxes.values():
@@ -75,6 +77,7 @@ def test_layout_matches_modest(dataset):
     assert read_rgb(dataset / "bg_fg" / "bg001_fg001_01.jpeg").shape == (64, 64, 3)
     assert read_gray(dataset / "bg_fg_mask" / "bg001_fg001_01_mask.jpeg").shape == (64, 64)
     import cv2
+
     fg = cv2.imread(str(dataset / "fg" / "fg001.png"), cv2.IMREAD_UNCHANGED)
     fg_mask = cv2.imread(str(dataset / "fg_mask" / "fg001_mask.png"), cv2.IMREAD_UNCHANGED)
     assert fg.shape[0] == 31 and fg.shape[2] == 4 and fg_mask.shape == fg.shape[:2]
@@ -185,11 +188,11 @@ def test_flipped_placements_mirror_the_figure(dataset):
                 a, m = f"bg{b:03d}_fg{f:03d}_{k:02d}", f"bg{b:03d}_fg{f:03d}_{k + P:02d}"
                 assert boxes[a] == boxes[m]  # same standing point, figure flipped in place
                 x, y, w, h = boxes[a]
-                mask_a = read_gray(dataset / "bg_fg_mask" / f"{a}_mask.jpeg")[y:y + h, x:x + w] > 127
-                mask_m = read_gray(dataset / "bg_fg_mask" / f"{m}_mask.jpeg")[y:y + h, x:x + w] > 127
+                mask_a = read_gray(dataset / "bg_fg_mask" / f"{a}_mask.jpeg")[y : y + h, x : x + w] > 127
+                mask_m = read_gray(dataset / "bg_fg_mask" / f"{m}_mask.jpeg")[y : y + h, x : x + w] > 127
                 assert (mask_a == mask_m[:, ::-1]).mean() > 0.98
-                img_a = read_rgb(dataset / "bg_fg" / f"{a}.jpeg")[y:y + h, x:x + w].astype(float)
-                img_m = read_rgb(dataset / "bg_fg" / f"{m}.jpeg")[y:y + h, x:x + w].astype(float)
+                img_a = read_rgb(dataset / "bg_fg" / f"{a}.jpeg")[y : y + h, x : x + w].astype(float)
+                img_m = read_rgb(dataset / "bg_fg" / f"{m}.jpeg")[y : y + h, x : x + w].astype(float)
                 both = mask_a & mask_m[:, ::-1]
                 mirrored_err += np.abs(img_a - img_m[:, ::-1])[both].mean()
                 plain_err += np.abs(img_a - img_m)[both].mean()
@@ -252,8 +255,19 @@ def test_zip_output_holds_the_same_files_stored(dataset, tmp_path, monkeypatch):
     assert path.stat().st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("bad", [dict(size=31), dict(size=64.0), dict(backgrounds=0), dict(foregrounds=1000),
-                                 dict(placements=50), dict(placements=0), dict(seed=-1), dict(workers=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(size=31),
+        dict(size=64.0),
+        dict(backgrounds=0),
+        dict(foregrounds=1000),
+        dict(placements=50),
+        dict(placements=0),
+        dict(seed=-1),
+        dict(workers=0),
+    ],
+)
 def test_bad_arguments_are_user_errors(tmp_path, bad):
     with pytest.raises(UserError):
         make_synthetic_dataset(tmp_path / "x", progress=False, **{**ARGS, **bad})
@@ -281,8 +295,11 @@ def test_paste_figure_composites_by_alpha():
 def test_encode_depth_is_linear_to_max_depth():
     assert encode_depth(np.array([0.0, MAX_DEPTH / 2, MAX_DEPTH, 2 * MAX_DEPTH])).tolist() == [0, 128, 255, 255]
     assert encode_depth(np.float32(MAX_DEPTH / 255 * 10)) == 10
-    assert np.allclose(synthetic.decode_depth(encode_depth(np.linspace(0, MAX_DEPTH, 50))),
-                       np.linspace(0, MAX_DEPTH, 50), atol=MAX_DEPTH / 255 / 2 + 1e-6)
+    assert np.allclose(
+        synthetic.decode_depth(encode_depth(np.linspace(0, MAX_DEPTH, 50))),
+        np.linspace(0, MAX_DEPTH, 50),
+        atol=MAX_DEPTH / 255 / 2 + 1e-6,
+    )
 
 
 def test_figures_are_exact_height_deterministic_cutouts():

@@ -1,7 +1,7 @@
 """Training loop, checkpoints, resume (in process and after SIGKILL), evaluate command."""
+
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_tiny_modest
+
 from lib.errors import UserError
-from lib.train import Config, fit, load_checkpoint, load_model, save_checkpoint
+from lib.train import Config, fit, load_checkpoint, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +27,17 @@ def small_modest(tmp_path_factory) -> Path:
 
 
 def _cfg(out: Path, **kw) -> Config:
-    base = dict(model="depthnet", epochs=2, batch_size=8, image_size=32, lr=1e-3, optimizer="adamw", workers=0,
-                out=str(out), log_every=2)
+    base = dict(
+        model="depthnet",
+        epochs=2,
+        batch_size=8,
+        image_size=32,
+        lr=1e-3,
+        optimizer="adamw",
+        workers=0,
+        out=str(out),
+        log_every=2,
+    )
     base.update(kw)
     return Config(**base)
 
@@ -38,7 +47,17 @@ def test_two_epoch_fit_lowers_the_loss_and_writes_the_run(small_modest, tmp_path
     history = fit(_cfg(tmp_path, model=model, epochs=3, lr=3e-3), small_modest, progress=False)
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    keys = {"epoch", "train_loss", "val_loss", "lr", "seconds", "samples_per_s", "mask_iou", "mask_iou_total", "mask_dice"}
+    keys = {
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "lr",
+        "seconds",
+        "samples_per_s",
+        "mask_iou",
+        "mask_iou_total",
+        "mask_dice",
+    }
     if model == "depthnet":
         keys |= {"depth_rmse", "depth_mae", "depth_absrel", "depth_delta1", "depth_ssim"}
     assert keys <= set(history[0])
@@ -107,9 +126,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_modest, 
 def test_bad_config_values_are_named():
     from lib.train import validate_config
 
-    for kw, word in [({"epochs": -1}, "--epochs"), ({"batch_size": 0}, "--batch-size"), ({"image_size": 48}, "--image-size"),
-                     ({"model": "unet"}, "--model"), ({"loss": "bce_rmse", "model": "masknet"}, "--loss"),
-                     ({"lr": 0}, "--lr")]:
+    for kw, word in [
+        ({"epochs": -1}, "--epochs"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"image_size": 48}, "--image-size"),
+        ({"model": "unet"}, "--model"),
+        ({"loss": "bce_rmse", "model": "masknet"}, "--loss"),
+        ({"lr": 0}, "--lr"),
+    ]:
         with pytest.raises(UserError, match=word):
             validate_config(Config(**kw))
 
@@ -131,8 +155,21 @@ def _run(args, **kw) -> subprocess.CompletedProcess:
 
 def test_evaluate_prints_one_json_line(small_modest, tmp_path):
     fit(_cfg(tmp_path, epochs=1), small_modest, progress=False)
-    done = _run(["-m", "lib.evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--data", str(small_modest),
-                 "--split", "val", "--baseline", "--workers", "0"])
+    done = _run(
+        [
+            "-m",
+            "lib.evaluate",
+            "--checkpoint",
+            str(tmp_path / "best.pt"),
+            "--data",
+            str(small_modest),
+            "--split",
+            "val",
+            "--baseline",
+            "--workers",
+            "0",
+        ]
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["samples"] == int(48 * 0.3) and 0 <= result["mask_iou"] <= 1
@@ -143,8 +180,27 @@ def test_evaluate_prints_one_json_line(small_modest, tmp_path):
 @pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_a_resumable_run(small_modest, tmp_path):
     out = tmp_path / "run"
-    args = ["-m", "lib.train", "--data", str(small_modest), "--out", str(out), "--epochs", "6", "--batch-size", "4",
-            "--image-size", "32", "--workers", "0", "--quiet", "--lr", "0.001", "--optimizer", "adamw"]
+    args = [
+        "-m",
+        "lib.train",
+        "--data",
+        str(small_modest),
+        "--out",
+        str(out),
+        "--epochs",
+        "6",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+        "--lr",
+        "0.001",
+        "--optimizer",
+        "adamw",
+    ]
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -167,10 +223,31 @@ def test_sigkill_at_any_moment_leaves_a_resumable_run(small_modest, tmp_path):
 @pytest.mark.slow
 def test_sigterm_finishes_cleanly_and_says_how_to_resume(small_modest, tmp_path):
     out = tmp_path / "run"
-    args = ["-m", "lib.train", "--data", str(small_modest), "--out", str(out), "--epochs", "50", "--batch-size", "4",
-            "--image-size", "32", "--workers", "0", "--quiet"]
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, "MPLBACKEND": "Agg"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "-m",
+        "lib.train",
+        "--data",
+        str(small_modest),
+        "--out",
+        str(out),
+        "--epochs",
+        "50",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

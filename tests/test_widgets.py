@@ -1,4 +1,5 @@
 """The validation-set browser (driven through its controls), its figure, and the notebooks' metrics table."""
+
 from __future__ import annotations
 
 import base64
