@@ -1,5 +1,6 @@
 """Predict the mask (and depth) of your own photos with a trained checkpoint.
 
+    python -m lib.predict --bg room.jpg --bg-fg room_with_me.jpg          # the shipped weights in weights/
     python -m lib.predict --checkpoint runs/demo/best.pt --bg room.jpg --bg-fg room_with_me.jpg
     python -m lib.predict --checkpoint runs/demo/best.pt --bg room.jpg --bg-fg shots/        # one room, many shots
     python -m lib.predict --checkpoint runs/demo/best.pt --bg photos/bg --bg-fg photos/bg_fg --out predictions
@@ -41,6 +42,9 @@ from .errors import UserError, run_cli
 from .models import MODEL_SIZE_MULTIPLE, as_outputs, unwrap_model
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+WEIGHTS = (
+    Path(__file__).resolve().parent.parent / "weights"
+)  # shipped weights: weights/README.md says how they were made
 DEPTH_CMAP = "magma"  # as lib.plots: brighter = farther
 
 
@@ -294,6 +298,14 @@ def predict_files(
 # ---------------------------------------------------------------------------------------------- command line
 
 
+def default_weights(model_name: str) -> Path:
+    """The shipped checkpoint of `model_name` (weights/masknet.pt or weights/depthnet.pt); UserError if absent."""
+    path = WEIGHTS / f"{model_name}.pt"
+    if not path.is_file():
+        raise UserError(f"{path}: no shipped weights here; train your own (python -m lib.train) and pass --checkpoint")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The predict command's arguments."""
     p = argparse.ArgumentParser(
@@ -302,7 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 1)[1],
     )
-    p.add_argument("--checkpoint", required=True, help="best.pt or last.pt from lib.train")
+    p.add_argument(
+        "--checkpoint", help="best.pt or last.pt from lib.train (default: the shipped weights, see --weights)"
+    )
+    p.add_argument(
+        "--weights",
+        choices=("masknet", "depthnet"),
+        default="depthnet",
+        help="without --checkpoint: which shipped model in weights/ to use (depthnet also predicts depth)",
+    )
     p.add_argument("--bg", required=True, help="the empty scene: an image file, or a folder of them")
     p.add_argument("--bg-fg", required=True, help="the scene with the person: an image file, or a folder of them")
     p.add_argument("--out", default="predictions", help="folder for the outputs (default predictions/)")
@@ -323,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--device {args.device!r} is not a device (try cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU here (try cpu)")
-    model, state = load_model(args.checkpoint, device)
+    model, state = load_model(args.checkpoint or default_weights(args.weights), device)
     cfg = state["config"]
     image_size = cfg.get("image_size")
     multiple = MODEL_SIZE_MULTIPLE[cfg["model"]]

@@ -1,0 +1,258 @@
+"""Measure mask and depth quality honestly: evaluation sets no choice is made on, several training seeds.
+
+    python tools/quality.py sets                      # build the evaluation sets under data/quality/ (once)
+    python tools/quality.py run --seeds 1 2 3         # train the demo per seed and model, evaluate everything
+    python tools/quality.py summary benchmarks/quality-*.jsonl   # mean and spread per (model, set, re-shoot)
+
+Three roles of data:
+- training: what `python -m lib.train` generates (synthetic rooms, seed 0);
+- tuning: `tune-synthetic` (seed 7, unseen rooms), the one set recipes were chosen on;
+- test: `test-synthetic-s101..s103` (fresh seeds, unseen rooms and figures) and two sets on real photographs,
+  built from scikit-learn's two sample photographs (china.jpg, flower.jpg), which training never sees:
+  `test-photos-people` (procedural person cut-outs pasted on crops of the photos) and `test-photos-objects`
+  (irregular pieces cut out of the photos, pasted on crops of them). No choice is made on the test sets.
+Each checkpoint is scored on each set as shot (`--reshoot none`) and with the background re-shot
+(`--reshoot mild`), next to pixel differencing at its best threshold on the same pairs (`--baseline`).
+Raw output: one JSON object per line (the last line `python -m lib.evaluate` prints, plus run facts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lib.build import build_dataset  # noqa: E402
+from lib.synthetic import fg_height, make_figure, make_synthetic_dataset  # noqa: E402
+
+SIZE = 64  # the demo's image size: each checkpoint is scored at its own size
+TEST_SEEDS = (101, 102, 103)
+TUNE_SEED = 7
+SYNTHETIC_SET = dict(size=SIZE, backgrounds=20, foregrounds=10, placements=2)  # 800 samples, unseen rooms
+PHOTO_BACKGROUNDS = 40  # square crops of the two photographs
+PHOTO_CUTOUTS = 10
+RESHOOTS = ("none", "mild")
+
+
+def load_photos() -> list[np.ndarray]:
+    """scikit-learn's two sample photographs as RGB uint8 arrays (never used for training or tuning)."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        sys.exit("tools/quality.py: the photo sets need scikit-learn (pip install scikit-learn)")
+    return [np.ascontiguousarray(img) for img in load_sample_images().images]
+
+
+def make_photo_backgrounds(folder: Path, photos: list[np.ndarray], count: int, seed: int) -> None:
+    """Write `count` random square crops (side 40-100% of the short side, random flip) of the photos as PNGs."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        side = int(rng.uniform(0.4, 1.0) * min(h, w))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = photo[y : y + side, x : x + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        cv2.imwrite(str(folder / f"photo{i:03d}.png"), cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2BGR))
+
+
+def make_person_cutouts(folder: Path, count: int, seed: int) -> None:
+    """Write `count` procedural person cut-outs (RGBA PNGs), drawn with seeds training never uses."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rgba = make_figure(np.random.default_rng([seed, i]), fg_height(224))
+        cv2.imwrite(str(folder / f"person{i:03d}.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+
+
+def make_blob_alpha(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth random blob filling most of an (height, width) box: uint8 alpha, 0 or 255, one piece."""
+    noise = cv2.GaussianBlur(rng.random((height, width)).astype(np.float32), (0, 0), min(height, width) / 12)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    bump = 1 - ((yy / height - 0.5) ** 2 + (xx / width - 0.5) ** 2) * 3  # favour the centre
+    field = noise - noise.mean() + 0.02 * bump
+    alpha = np.where(field > np.quantile(field, 0.45), 255, 0).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(alpha)
+    if count > 1:  # keep the largest piece
+        alpha = np.where(labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])), 255, 0).astype(np.uint8)
+    return alpha
+
+
+def make_photo_cutouts(folder: Path, photos: list[np.ndarray], count: int, seed: int) -> None:
+    """Write `count` blob-shaped pieces cut out of the photographs (RGBA PNGs), each from a random spot."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = int(rng.integers(150, 260)), int(rng.integers(90, 220))
+        y, x = int(rng.integers(0, photo.shape[0] - h + 1)), int(rng.integers(0, photo.shape[1] - w + 1))
+        rgba = np.dstack([photo[y : y + h, x : x + w], make_blob_alpha(rng, h, w)])
+        cv2.imwrite(str(folder / f"object{i:03d}.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+
+
+def evaluation_sets(root: Path) -> dict[str, tuple[str, Path]]:
+    """{name: (role, path)} of every evaluation set under `root`."""
+    sets = {f"tune-synthetic-s{TUNE_SEED}": ("tune", root / f"tune-synthetic-s{TUNE_SEED}")}
+    for seed in TEST_SEEDS:
+        sets[f"test-synthetic-s{seed}"] = ("test", root / f"test-synthetic-s{seed}")
+    sets["test-photos-people"] = ("test", root / "test-photos-people")
+    sets["test-photos-objects"] = ("test", root / "test-photos-objects")
+    return sets
+
+
+def build_sets(root: Path) -> None:
+    """Build every evaluation set that is missing under `root`."""
+    sets = evaluation_sets(root)
+    for name, (_, path) in sets.items():
+        if "synthetic" in name:
+            seed = int(path.name.rsplit("-s", 1)[1])
+            make_synthetic_dataset(path, seed=seed, progress=False, **SYNTHETIC_SET)
+    photos = load_photos()
+    sources = root / "sources"
+    if not (sources / "backgrounds").is_dir():
+        make_photo_backgrounds(sources / "backgrounds", photos, PHOTO_BACKGROUNDS, seed=2024)
+        make_person_cutouts(sources / "people", PHOTO_CUTOUTS, seed=9001)
+        make_photo_cutouts(sources / "objects", photos, PHOTO_CUTOUTS, seed=9002)
+    for kind in ("people", "objects"):
+        out = root / f"test-photos-{kind}"
+        if not out.exists():
+            build_dataset(
+                sources / "backgrounds", sources / kind, out, size=SIZE, placements=2, seed=11, progress=False
+            )
+    for name, (role, path) in sets.items():
+        print(f"{role:5} {name:22} {path}")
+
+
+def machine() -> str:
+    """One line about this machine, for the raw output."""
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def run_json(cmd: list[str]) -> dict:
+    """Run a lib command; return the JSON object on its last stdout line."""
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(root: Path, seeds: list[int], models: list[str], out: Path, runs: Path, extra: list[str]) -> None:
+    """Train the demo per (model, seed) unless its run exists, then evaluate on every set; append JSON lines."""
+    sets = evaluation_sets(root)
+    missing = [str(p) for _, p in sets.values() if not p.exists()]
+    if missing:
+        raise SystemExit(f"missing evaluation sets ({missing[0]} ...): run `python tools/quality.py sets` first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for model in models:
+        for seed in seeds:
+            run_dir = runs / f"{model}-s{seed}"
+            train_seconds = None
+            if not (run_dir / "best.pt").exists():
+                start = time.perf_counter()
+                cmd = [sys.executable, "-m", "lib.train", "--model", model, "--seed", str(seed)]
+                subprocess.run([*cmd, "--out", str(run_dir), "--quiet", *extra], cwd=ROOT, check=True)
+                train_seconds = round(time.perf_counter() - start, 1)
+            for name, (role, path) in sets.items():
+                for reshoot in RESHOOTS:
+                    result = run_json(
+                        [
+                            sys.executable,
+                            "-m",
+                            "lib.evaluate",
+                            "--checkpoint",
+                            str(run_dir / "best.pt"),
+                            "--data",
+                            str(path),
+                            "--baseline",
+                            "--reshoot",
+                            reshoot,
+                        ]  # fmt: skip
+                    )
+                    result.update(set=name, role=role, reshoot=reshoot, train_seed=seed, machine=machine(),
+                                  train_command=" ".join(["python -m lib.train", "--model", model, "--seed", str(seed), *extra]),
+                                  train_seconds=train_seconds)  # fmt: skip
+                    with open(out, "a") as f:
+                        f.write(json.dumps(result) + "\n")
+                    print(
+                        f"{model} s{seed} {name:22} reshoot {reshoot:5} IoU {result['mask_iou']:.3f} "
+                        f"(differencing {result.get('baseline_mask_iou', float('nan')):.3f})",
+                        flush=True,
+                    )
+
+
+def mean_spread(values: list[float]) -> str:
+    """'mean ± standard deviation' over seeds (± 0 for one value)."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def summary(paths: list[Path]) -> str:
+    """A markdown table: per model and set, mask IoU (and aligned depth) as shot and re-shot, with differencing."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for path in paths:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            groups[(r["model"], r["role"], r["set"], r["reshoot"])].append(r)
+    rows = [
+        "| model | set (role) | background | seeds | mask IoU | differencing IoU | depth delta1 aligned | depth AbsRel aligned |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (model, role, name, reshoot), rs in sorted(groups.items()):
+        depth = [
+            mean_spread([r[k] for r in rs]) if k in rs[0] else ""
+            for k in ("depth_delta1_aligned", "depth_absrel_aligned")
+        ]
+        if name.startswith("test-photos"):
+            depth = ["", ""]  # the photo sets have no depth truth (flat placeholder maps)
+        rows.append(
+            f"| {model} | {name} ({role}) | {'re-shot' if reshoot != 'none' else 'as shot'} | {len(rs)} "
+            f"| {mean_spread([r['mask_iou'] for r in rs])} | {mean_spread([r['baseline_mask_iou'] for r in rs])} "
+            f"| {depth[0]} | {depth[1]} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python tools/quality.py`."""
+    p = argparse.ArgumentParser(prog="python tools/quality.py", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sets", help="build the evaluation sets")
+    s.add_argument("--root", type=Path, default=ROOT / "data" / "quality")
+    r = sub.add_parser("run", help="train the demo per seed and model, evaluate on every set")
+    r.add_argument("--root", type=Path, default=ROOT / "data" / "quality")
+    r.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    r.add_argument("--models", nargs="+", default=["masknet", "depthnet"], choices=["masknet", "depthnet"])
+    r.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
+    r.add_argument("--out", type=Path, required=True, help="JSON lines file to append to (benchmarks/...)")
+    r.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: more lib.train arguments")
+    m = sub.add_parser("summary", help="mean and spread per model, set and background")
+    m.add_argument("files", type=Path, nargs="+")
+    args = p.parse_args(argv)
+    if args.command == "sets":
+        build_sets(args.root)
+    elif args.command == "run":
+        extra = [a for a in args.train_args if a != "--"]
+        run(args.root, args.seeds, args.models, args.out, args.runs, extra)
+    else:
+        print(summary(args.files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
