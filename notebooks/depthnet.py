@@ -79,9 +79,7 @@ OPTIMIZER = "sgd"  # "sgd" (momentum 0.9) or "adamw"
 MAX_TRAIN_SAMPLES = None  # cap on training samples per epoch (e.g. 20_000 for a quick look); None: the whole split
 WORKERS = None  # data loading threads; None: one per CPU core (at most 8)
 MOUNT_DRIVE = True  # on Colab, keep the run on Google Drive so that a disconnect does not lose it
-OUT = (
-    None  # run folder (checkpoints, history, figures); None: MyDrive/modest-runs/depthnet on Drive, else runs/depthnet
-)
+OUT = None  # run folder (checkpoints, history, figures); None: Drive's MyDrive/modest-runs/depthnet, else runs/depthnet
 RESUME = False  # True: continue OUT/last.pt after a disconnect instead of starting over
 
 # %%
