@@ -1,6 +1,6 @@
 """Measure mask and depth quality honestly: evaluation sets no choice is made on, several training seeds.
 
-    python tools/quality.py sets                      # build the evaluation sets under data/quality/ (once)
+    python tools/quality.py sets                      # build the evaluation sets under data/quality/64px (once)
     python tools/quality.py run --seeds 1 2 3         # train the demo per seed and model, evaluate everything
     python tools/quality.py summary benchmarks/quality-*.jsonl   # mean and spread per (model, set, re-shoot)
 
@@ -19,6 +19,8 @@ Raw output: one JSON object per line (the last line `python -m lib.evaluate` pri
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -41,7 +43,7 @@ from lib.synthetic import fg_height, make_figure, make_synthetic_dataset  # noqa
 SIZE = 64  # the demo's image size: each checkpoint is scored at its own size
 TEST_SEEDS = (101, 102, 103)
 TUNE_SEED = 7
-SYNTHETIC_SET = dict(size=SIZE, backgrounds=20, foregrounds=10, placements=2)  # 800 samples, unseen rooms
+SYNTHETIC_SET = dict(backgrounds=20, foregrounds=10, placements=2)  # 800 samples, unseen rooms
 PHOTO_BACKGROUNDS = 40  # square crops of the two photographs
 PHOTO_CUTOUTS = 10
 RESHOOTS = ("none", "mild")
@@ -114,13 +116,13 @@ def evaluation_sets(root: Path) -> dict[str, tuple[str, Path]]:
     return sets
 
 
-def build_sets(root: Path) -> None:
-    """Build every evaluation set that is missing under `root`."""
+def build_sets(root: Path, size: int = SIZE) -> None:
+    """Build every evaluation set that is missing under `root`, at `size` px."""
     sets = evaluation_sets(root)
     for name, (_, path) in sets.items():
         if "synthetic" in name:
             seed = int(path.name.rsplit("-s", 1)[1])
-            make_synthetic_dataset(path, seed=seed, progress=False, **SYNTHETIC_SET)
+            make_synthetic_dataset(path, size=size, seed=seed, progress=False, **SYNTHETIC_SET)
     photos = load_photos()
     sources = root / "sources"
     if not (sources / "backgrounds").is_dir():
@@ -144,12 +146,14 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def run_json(cmd: list[str]) -> dict:
-    """Run a lib command; return the JSON object on its last stdout line."""
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def evaluate_json(argv: list[str]) -> dict:
+    """Run `python -m lib.evaluate` in this process (no start-up per call); return its last-line JSON object."""
+    from lib.evaluate import main as evaluate_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        evaluate_main(argv)
+    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def run(root: Path, seeds: list[int], models: list[str], out: Path, runs: Path, extra: list[str]) -> None:
@@ -170,23 +174,13 @@ def run(root: Path, seeds: list[int], models: list[str], out: Path, runs: Path, 
                 train_seconds = round(time.perf_counter() - start, 1)
             for name, (role, path) in sets.items():
                 for reshoot in RESHOOTS:
-                    result = run_json(
-                        [
-                            sys.executable,
-                            "-m",
-                            "lib.evaluate",
-                            "--checkpoint",
-                            str(run_dir / "best.pt"),
-                            "--data",
-                            str(path),
-                            "--baseline",
-                            "--reshoot",
-                            reshoot,
-                        ]  # fmt: skip
+                    ckpt = str(run_dir / "best.pt")
+                    result = evaluate_json(
+                        ["--checkpoint", ckpt, "--data", str(path), "--baseline", "--reshoot", reshoot]
                     )
-                    result.update(set=name, role=role, reshoot=reshoot, train_seed=seed, machine=machine(),
-                                  train_command=" ".join(["python -m lib.train", "--model", model, "--seed", str(seed), *extra]),
-                                  train_seconds=train_seconds)  # fmt: skip
+                    command = ["python -m lib.train", "--model", model, "--seed", str(seed), *extra]
+                    result.update(set=name, role=role, reshoot=reshoot, train_seed=seed, machine=machine())
+                    result.update(train_command=" ".join(command), train_seconds=train_seconds)
                     with open(out, "a") as f:
                         f.write(json.dumps(result) + "\n")
                     print(
@@ -233,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python tools/quality.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sets", help="build the evaluation sets")
-    s.add_argument("--root", type=Path, default=ROOT / "data" / "quality")
+    s.add_argument("--root", type=Path, default=None, help="default data/quality/SIZEpx")
+    s.add_argument("--size", type=int, default=SIZE, help="image side of every set (a checkpoint's own size)")
     r = sub.add_parser("run", help="train the demo per seed and model, evaluate on every set")
-    r.add_argument("--root", type=Path, default=ROOT / "data" / "quality")
+    r.add_argument("--root", type=Path, default=ROOT / "data" / "quality" / f"{SIZE}px")
     r.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     r.add_argument("--models", nargs="+", default=["masknet", "depthnet"], choices=["masknet", "depthnet"])
     r.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
@@ -245,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("files", type=Path, nargs="+")
     args = p.parse_args(argv)
     if args.command == "sets":
-        build_sets(args.root)
+        build_sets(args.root or ROOT / "data" / "quality" / f"{args.size}px", args.size)
     elif args.command == "run":
         extra = [a for a in args.train_args if a != "--"]
         run(args.root, args.seeds, args.models, args.out, args.runs, extra)
