@@ -9,7 +9,7 @@
 
 `modest` resumes an interrupted download when run again, and does nothing when a verified copy is there.
 If Google Drive refuses ("too many users"), copy the file into your own Drive and use `--from`.
-`build` makes a MODEST-format dataset from your own photos and cut-outs (see lib/build.py for the recipe).
+`build` makes a MODEST-format dataset from your own photos and cut-outs (see tools/build.py for the recipe).
 Add --debug to any command to see the full traceback of an error.
 """
 
@@ -20,8 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lib.download import QUICK_SAMPLE, REGISTRY, URL_ENV, count_samples, extract_zip, get_modest, verify_path
 from lib.errors import run_cli
+from tools.download import QUICK_SAMPLE, REGISTRY, URL_ENV, count_samples, extract_zip, get_modest, verify_path
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--retries", type=int, default=3, help="reconnects within one run (default 3); a re-run resumes too"
     )
     mod.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server between bytes")
-    mod.epilog = f"Source: the Google Drive id in lib/download.py REGISTRY; ${URL_ENV} overrides it with any URL."
+    mod.epilog = f"Source: the Google Drive id in tools/download.py REGISTRY; ${URL_ENV} overrides it with any URL."
 
     ver = sub.add_parser("verify", parents=[common], help="verify a MODEST zip (stamped when it passes) or folder")
     ver.add_argument("path", help="a .zip or a dataset folder")
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder, fresh = extract_zip(got.path, args.out, progress=progress)
             print(f"{'extracted to' if fresh else 'already extracted:'} {folder}")
     elif args.command == "build":
-        from lib.build import build_dataset, describe  # only this command needs it
+        from tools.build import build_dataset, describe  # only this command needs it
 
         path = build_dataset(
             args.backgrounds,

@@ -4,27 +4,20 @@ Layout under the dataset root (or under one top folder of either):
     bg/bg001.jpeg  bg_fg/bg001_fg001_01.jpeg  bg_fg_mask/bg001_fg001_01_mask.jpeg
     bg_fg_depth_map/bg001_fg001_01_depth_map.jpeg  file_map.txt  (bbox.txt, fg/, fg_mask/ unused here)
 `file_map.txt`: one sample per line, four names without extension (bg, bg_fg, mask, depth).
-Samples come out as uint8 CHW tensors; float conversion and normalisation happen per batch on the device.
+Samples come out as uint8 CHW tensors; float conversion and normalisation happen per batch (`normalize`).
 
-Two ways to fill batches (`make_loader(loader=...)`): a pool of threads in this process (the default:
-the JPEG decoder, zip reads and OpenCV release the GIL, so on a 2-core Colab threads beat worker processes,
-see `python -m lib.bench`), or torch DataLoader worker processes.
-Two places to do the per-sample work (`make_loader(data_mode=...)`): "cpu" decodes and augments
-(albumentations) in the workers; "gpu" (the default on CUDA) has the workers send only the three
-per-sample images (or their JPEG bytes, decoded in one batched call by the GPU's JPEG decoder on
-A100/H100-class cards) and a background index, while the backgrounds stay decoded on the device and the
-flip and the photometric jitter run as batched tensor operations there.
-On CUDA a background thread makes the next batches ready on the device, on its own stream
-(`make_loader(ahead=...)`), so the training thread only queues the model's work.
+The plain path: `ModestDataset` -> a pool of threads in this process (`ThreadLoader`, the default: the JPEG
+decoder, zip reads and OpenCV release the GIL, so on a 2-core Colab threads beat worker processes, see
+`python -m tools.bench`) or torch DataLoader worker processes (`loader="processes"`) -> `DeviceLoader`, which
+moves each batch to the device and normalises it there. The GPU fast path (backgrounds kept on the device,
+JPEGs decoded there, batches prepared ahead) lives in lib/fastpath.py; without that file this one still works.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import os
-import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from .augment import apply_augment, flip_batch, jitter_batch, make_train_augment
+from .augment import apply_augment, make_train_augment
 from .errors import DataError, UserError
 from .modest import FILE_MAP, FOLDERS, parse_file_map, resolve_names
 from .zipindex import ZipIndex, find_sorted
@@ -57,27 +50,54 @@ warnings.filterwarnings(
 _DECODE_ERRORS = (ValueError, RuntimeError) + ((cv2.error,) if cv2 is not None else ())
 LOADERS = ("auto", "threads", "processes")
 DATA_MODES = ("auto", "cpu", "gpu")
-DECODES = ("auto", "cpu", "device")
-# Measured with `python -m lib.bench` on a 2-core machine, 224 px, augmentation on: threads deliver more
+# Measured with `python -m tools.bench` on a 2-core machine, 224 px, augmentation on: threads deliver more
 # samples/s than worker processes (and hold one copy of the dataset); see the bench's loader table.
 DEFAULT_LOADER = "threads"
 
 # Published MODEST statistics (RGB, on [0,1] images); used for every dataset so checkpoints travel.
 BG_MEAN, BG_STD = (0.40086, 0.46599, 0.53281), (0.25451, 0.24249, 0.23615)
 BG_FG_MEAN, BG_FG_STD = (0.41221, 0.47368, 0.53431), (0.25699, 0.24577, 0.24217)
-STATS = {"bg": (BG_MEAN, BG_STD), "bg_fg": (BG_FG_MEAN, BG_FG_STD)}
+# depth is only scaled to [0, 1]: the same function serves it
+STATS = {"bg": (BG_MEAN, BG_STD), "bg_fg": (BG_FG_MEAN, BG_FG_STD), "depth": ((0.0,), (1.0,))}
+_TABLES: dict[str, np.ndarray] = {}
 
 
 def normalize(x: torch.Tensor, key: str) -> torch.Tensor:
-    """uint8 (B,3,H,W) 0..255 -> float32 normalised with `key`'s statistics ("bg" or "bg_fg"), on x's device."""
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in STATS[key])
-    return (x.float() / 255.0 - mean) / std
+    """uint8 (B,C,H,W) 0..255, or float in [0,1] -> float32 normalised with `key`'s statistics ("bg", "bg_fg", "depth"),
+    on x's device. The one normalisation: loaders, prediction and plots all call it."""
+    if x.dtype == torch.uint8:
+        if x.device.type == "cpu" and cv2 is not None and x.dim() == 4:  # one table look-up per pixel: same numbers
+            return _look_up(x, _table(key))
+        x = x.float() / 255.0
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in STATS[key])
+    return (x - mean) / std
 
 
 def denormalize(x: torch.Tensor, key: str) -> torch.Tensor:
     """The inverse of `normalize`, to float [0, 1] images (B,3,H,W)."""
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in STATS[key])
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in STATS[key])
     return x * std + mean
+
+
+def _table(key: str) -> np.ndarray:
+    """`normalize`'s arithmetic applied once to the 256 levels: a (256, 1, C) float32 table for cv2.LUT."""
+    if key not in _TABLES:
+        levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(1, len(STATS[key][0]), 256, 1)
+        _TABLES[key] = normalize(levels.float() / 255.0, key)[0].permute(1, 2, 0).contiguous().numpy()  # (256, 1, C)
+    return _TABLES[key]
+
+
+def _look_up(x: torch.Tensor, lut: np.ndarray) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (B, C, H, W) in channels-last memory, through one 256-entry table per channel
+    (`lut` (256, 1, C) float32), one cv2.LUT call per image. Free of copies when x is channels-last (or C is 1)."""
+    src = x.permute(0, 2, 3, 1).contiguous().numpy()  # (B, H, W, C)
+    out = torch.empty(src.shape, dtype=torch.float32)  # (B, H, W, C)
+    dst = out.numpy()
+    if src.shape[-1] == 1:
+        src, dst, lut = src[..., 0], dst[..., 0], lut[:, :, 0]  # one plane: cv2 wants (H, W) and a (256, 1) table
+    for i in range(src.shape[0]):
+        cv2.LUT(src[i], lut, dst=dst[i])
+    return out.permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,7 +226,7 @@ def resize(img: np.ndarray, size: int, mask: bool = False) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return img
     if cv2 is None:
-        out = _resize_tensor(_chw(img).unsqueeze(0), size, mask)[0].permute(1, 2, 0).numpy()  # (size, size, C)
+        out = resize_tensor(_chw(img).unsqueeze(0), size, mask)[0].permute(1, 2, 0).numpy()  # (size, size, C)
         return out[:, :, 0] if img.ndim == 2 else out
     if img.shape[0] > size:
         mode = cv2.INTER_AREA
@@ -215,7 +235,7 @@ def resize(img: np.ndarray, size: int, mask: bool = False) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=mode)
 
 
-def _resize_tensor(x: torch.Tensor, size: int, mask: bool = False) -> torch.Tensor:
+def resize_tensor(x: torch.Tensor, size: int, mask: bool = False) -> torch.Tensor:
     """Resize uint8 (B, C, H, W) to size x size on its device, as `resize` does (area when shrinking)."""
     if x.shape[-2:] == (size, size):
         return x
@@ -273,8 +293,6 @@ class ModestDataset(Dataset):
         self.catch_errors = False  # set by the loaders: errors travel back as records, raised in the main process
         self._bg_cache: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
         self._bg_cache_pid = os.getpid()
-        self.bg_shapes: np.ndarray | None = None  # (n_bg, 2) original sizes, set by `load_backgrounds` (GPU mode)
-        self.bg_errors: dict[int, str] = {}  # backgrounds that could not be read, by id (GPU mode)
 
     def subset(self, split: str, augment: bool = False) -> ModestDataset:
         """The same dataset seen through another split; shares the index (nothing is read again)."""
@@ -351,75 +369,6 @@ class ModestDataset(Dataset):
             return self.load(index)
         except DataError as exc:
             return {"error": str(exc), "name": self.sample_names[int(self.rows[index])].decode()}
-
-    # ------------------------------------------------------------------ GPU mode: backgrounds by index
-
-    def load_backgrounds(self) -> torch.Tensor | None:
-        """Every background decoded (and resized) once: (n_bg, 3, H, W) uint8, or None when their sizes differ.
-
-        Also sets `bg_shapes` (original sizes, for the size check) and `bg_errors` (unreadable ones; their
-        samples then fail, as they do in CPU mode). A background that cannot be read stays black in the table.
-        """
-        n_bg = len(self.bg_members)
-        shapes = np.zeros((n_bg, 2), np.int64)
-        images: list[np.ndarray | None] = []
-        errors: dict[int, str] = {}
-        for bg_id in range(n_bg):
-            try:
-                img, shapes[bg_id] = self._decode_background(bg_id)
-            except DataError as exc:
-                errors[bg_id] = str(exc)
-                img = None
-            images.append(img)
-        self.bg_shapes, self.bg_errors = shapes, errors
-        sizes = {img.shape for img in images if img is not None}
-        if len(sizes) > 1:
-            return None
-        shape = sizes.pop() if sizes else (self.image_size or 1, self.image_size or 1, 3)
-        table = torch.zeros((n_bg, 3, shape[0], shape[1]), dtype=torch.uint8)  # (n_bg, 3, H, W)
-        for bg_id, img in enumerate(images):
-            if img is not None:
-                table[bg_id] = _chw(img)
-        return table
-
-    def load_for_device(self, index: int, encoded: bool = False) -> dict:
-        """Sample `index` for GPU mode: `bg_id`, `row` and bg_fg/mask/depth uint8 CHW (no augmentation), or with
-        `encoded` their file bytes as `files` (decoded later, in one batched call on the GPU)."""
-        row = int(self.rows[index])
-        bg_id = int(self.bg_ids[row])
-        if self.bg_shapes is None:
-            self.load_backgrounds()
-        if bg_id in self.bg_errors:
-            raise DataError(self.bg_errors[bg_id])
-        sample = {"bg_id": bg_id, "row": row, "name": self.sample_names[row].decode()}
-        if encoded:
-            sample["files"] = [self.source.read(int(member)) for member in self.sample_members[row]]
-            return sample
-        bg_fg, mask, depth = self._load_others(row, tuple(self.bg_shapes[bg_id]))
-        sample.update(bg_fg=_chw(bg_fg), mask=_chw(mask), depth=_chw(depth))
-        return sample
-
-    def members_are_jpeg(self) -> bool:
-        """True when every bg_fg, mask and depth file of this split is named .jpg/.jpeg (the GPU decoder's format)."""
-        names = np.unique(self.sample_members[self.rows].ravel())
-        lower = np.char.lower(self.source.names[names])
-        return bool(np.all(np.char.endswith(lower, b".jpeg") | np.char.endswith(lower, b".jpg")))
-
-
-class DeviceSamples(Dataset):
-    """A ModestDataset as GPU mode reads it (`load_for_device`); failures become error records like ModestDataset's."""
-
-    def __init__(self, dataset: ModestDataset, encoded: bool = False):
-        self.dataset, self.encoded = dataset, encoded
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            return self.dataset.load_for_device(index, self.encoded)
-        except DataError as exc:
-            return {"error": str(exc), "name": self.dataset.sample_names[int(self.dataset.rows[index])].decode()}
 
 
 def _chw(img: np.ndarray) -> torch.Tensor:
@@ -498,25 +447,6 @@ def _seed_worker(worker_id: int) -> None:
         dataset.augment.set_random_seed(torch.initial_seed() % 2**32)
 
 
-def collate_device_samples(samples: list[dict]) -> dict:
-    """GPU-mode batch: `bg_id` and `row` (B,) int64, then bg_fg/mask/depth stacked uint8 or, for encoded samples,
-    `files` (all their bytes in one uint8 tensor) and `file_sizes` (B, 3); failures travel in batch['errors']."""
-    good = [s for s in samples if "error" not in s]
-    batch: dict = {"errors": [(s["name"], s["error"]) for s in samples if "error" in s]}
-    batch["name"] = [s["name"] for s in good]
-    batch["bg_id"] = torch.tensor([s["bg_id"] for s in good], dtype=torch.int64)  # (B,)
-    batch["row"] = torch.tensor([s["row"] for s in good], dtype=torch.int64)  # (B,)
-    if good and "files" in good[0]:
-        files = [f for s in good for f in s["files"]]
-        batch["file_sizes"] = torch.tensor([len(f) for f in files], dtype=torch.int64).view(len(good), 3)  # (B, 3)
-        buf = bytearray().join(files)  # one copy; no per-file tensors to pickle or pin
-        batch["files"] = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.zeros(0, dtype=torch.uint8)
-        return batch
-    for key in ("bg_fg", "mask", "depth"):
-        batch[key] = torch.stack([s[key] for s in good]) if good else None  # (B, C, H, W) uint8
-    return batch
-
-
 def _pin(batch: dict) -> dict:
     """Page-locked copies of a batch's tensors (so the host-to-device copies can be asynchronous)."""
     return {k: v.pin_memory() if isinstance(v, torch.Tensor) and k != "files" else v for k, v in batch.items()}
@@ -544,7 +474,7 @@ class ThreadLoader:
         prefetch: int | None = None,
         collate_fn: Callable[[list[dict]], dict] = collate_samples,
         pin_memory: bool = False,
-        finish: Callable[[dict], dict] | None = None,
+        prepare: Callable[[dict], dict] | None = None,
     ):
         if num_workers < 1:
             raise UserError(f"ThreadLoader needs at least one worker thread, not {num_workers}")
@@ -557,7 +487,7 @@ class ThreadLoader:
         self.num_workers = num_workers
         self.prefetch = prefetch if prefetch is not None else num_workers + 2  # batches queued or in the making
         self.collate_fn, self.pin_memory = collate_fn, pin_memory
-        self.finish = finish  # applied to each batch in its thread (the CPU device's float conversion goes here)
+        self.prepare = prepare  # applied to each batch in its thread (on the CPU, the float conversion goes here)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -589,7 +519,7 @@ class ThreadLoader:
         batch = self.collate_fn([dataset[i] for i in indices])
         if self.pin_memory:
             batch = _pin(batch)
-        return self.finish(batch) if self.finish is not None else batch
+        return self.prepare(batch) if self.prepare is not None else batch
 
 
 def _thread_copy(dataset):
@@ -602,19 +532,14 @@ def _thread_copy(dataset):
 
 
 class DeviceLoader:
-    """Wraps a loader of uint8 batches (DataLoader or ThreadLoader): moves them to `device`, converts and normalises there.
+    """Wraps a loader of uint8 batches (DataLoader or ThreadLoader): moves them to `device`, normalises them there.
 
     Yields dicts with `bg`, `bg_fg` float (B,3,H,W) normalised; `mask` float (B,1,H,W) in {0,1};
     `depth` float (B,1,H,W) in [0,1]; `name` list. A sample that fails to load raises DataError naming
     its file, unless `skip_bad_samples`, in which case it is left out and listed in `self.skipped`.
-
-    GPU mode (`backgrounds`, a (n_bg, 3, H, W) uint8 table, given): batches carry `bg_id` instead of bg
-    pixels and the backgrounds are gathered on the device; bg_fg/mask/depth arrive decoded, or as JPEG bytes
-    that `decode_on_device` decodes in one batched call (falling back to the CPU decoder for a batch the
-    device decoder rejects, so bad files are still named). With `augment`, the flip (the same for all four
-    images of a sample) and the photometric jitter (one draw per sample, shared by bg and bg_fg) run here
-    as batched tensor operations, drawn from a generator on the device seeded from torch's RNG per epoch.
     """
+
+    data_mode = "cpu"  # decoding and augmentation run in the loader's workers (lib/fastpath.py has "gpu")
 
     def __init__(
         self,
@@ -623,35 +548,15 @@ class DeviceLoader:
         skip_bad_samples: bool = False,
         *,
         dataset: ModestDataset | None = None,
-        backgrounds: torch.Tensor | None = None,
-        augment: bool = False,
-        decode_on_device: bool = False,
-        ahead: int = 0,
+        prepared_in_loader: bool = False,
     ):
-        if ahead < 0:
-            raise UserError(f"ahead must be 0 or more batches, not {ahead}")
         self.loader = loader
-        self.ahead = ahead  # batches a background thread prepares on the device while the model trains (0: inline)
         self.device = torch.device(device)
         self.skip_bad_samples = skip_bad_samples
         self.skipped: list[tuple[str, str]] = []
         self._dataset = dataset
-        self.backgrounds = backgrounds.to(self.device) if backgrounds is not None else None  # (n_bg, 3, H, W) uint8
-        self.augment = augment and backgrounds is not None
-        self.decode_on_device = decode_on_device
-        self.decode_fallbacks = 0  # batches the device decoder rejected (decoded on the CPU instead)
-        self._decode_stream = None
-        self.generator: torch.Generator | None = None
-        self._mean = {key: torch.tensor(m, device=self.device).view(1, 3, 1, 1) * 255 for key, (m, _) in STATS.items()}
-        self._std = {key: torch.tensor(sd, device=self.device).view(1, 3, 1, 1) * 255 for key, (_, sd) in STATS.items()}
-        self._luts = None
-        if (
-            self.device.type == "cpu" and cv2 is not None
-        ):  # uint8 -> float as one table look-up per pixel (same numbers)
-            levels = torch.arange(256, dtype=torch.float32).view(1, 1, 256, 1)  # (1, 1, 256, 1)
-            tables = {key: ((levels - self._mean[key]) / self._std[key])[0] for key in ("bg", "bg_fg")}  # (3, 256, 1)
-            tables["depth"] = (levels / 255.0)[0]  # (1, 256, 1)
-            self._luts = {key: t.permute(1, 2, 0).contiguous().numpy() for key, t in tables.items()}  # (256, 1, C)
+        self.prepared_in_loader = prepared_in_loader  # the loader's threads already ran `to_device`
+        self.ahead = 0  # batches prepared ahead by a background thread: the fast path's (lib/fastpath.py)
 
     @property
     def dataset(self) -> ModestDataset:
@@ -663,20 +568,12 @@ class DeviceLoader:
         """The underlying sampler (DistributedSampler.set_epoch goes here)."""
         return self.loader.sampler
 
-    @property
-    def data_mode(self) -> str:
-        """'gpu' when backgrounds live on the device and augmentation runs there, else 'cpu'."""
-        return "gpu" if self.backgrounds is not None else "cpu"
-
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict]:
         self.skipped = []
-        if self.augment:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-            self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        batches = self._prepare_ahead() if self.ahead else (self.prepare(batch) for batch in self.loader)
+        batches = self._batches()
         try:
             for batch in batches:
                 if batch["errors"]:
@@ -684,252 +581,26 @@ class DeviceLoader:
                         raise DataError(batch["errors"][0][1] + " (use --skip-bad-samples to leave bad samples out)")
                     self.skipped.extend(batch["errors"])
                 if batch["name"]:
-                    yield batch["ready"]
-        finally:  # on an error or an early stop too: the background thread, if any, is stopped and joined here
-            batches.close()
+                    yield {k: v for k, v in batch.items() if k != "errors"}
+        finally:  # on an error or an early stop too: a background thread, if any, is stopped and joined here
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
-    def prepare(self, batch: dict) -> dict:
-        """A loader batch made ready for the step: decoded (GPU mode's JPEG bytes), on the device, augmented and
-        normalised under batch['ready'] (unless a loader thread did that already); errors stay for `__iter__`."""
-        if "files" in batch:
-            batch = self.decode_batch(batch)
-        return self.finish_batch(batch) if "ready" not in batch else batch
-
-    def _prepare_ahead(self) -> Iterator[dict]:
-        """`prepare`d batches from a background thread, up to `self.ahead` ahead, in the loader's order.
-
-        On CUDA the thread works on its own stream and each batch carries an event that the consumer's stream
-        waits for, so the main thread only queues the model's kernels: it never blocks in the decoder (nvJPEG
-        synchronises its stream per call) and the batch's transfers, decoding, jitter and normalisation
-        overlap the previous step. The order of the work, and so every random draw, is the inline path's.
-        """
-        ready: queue.Queue = queue.Queue(self.ahead)
-        stop = threading.Event()
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-
-        def hand_over(item: tuple) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work() -> None:
-            batches = iter(self.loader)
-            try:
-                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                    for batch in batches:
-                        batch = self.prepare(batch)
-                        event = side.record_event() if side is not None else None
-                        if not hand_over(("batch", batch, event)):
-                            return
-                hand_over(("end", None, None))
-            except BaseException as exc:  # raised again in the consumer
-                hand_over(("error", exc, None))
-            finally:
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()
-
-        thread = threading.Thread(target=work, name="modest-device-batches", daemon=True)
-        thread.start()
-        try:
-            while True:
-                kind, item, event = ready.get()
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise item
-                if event is not None:
-                    main = torch.cuda.current_stream(self.device)
-                    main.wait_event(event)
-                    for t in item.get("ready", {}).values():
-                        if isinstance(t, torch.Tensor):
-                            t.record_stream(main)  # made on the side stream, used on this one
-                yield item
-        finally:  # also when the consumer stops early: let the thread leave, then wait for it
-            stop.set()
-            while thread.is_alive():
-                try:
-                    ready.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            thread.join()
-
-    def finish_batch(self, batch: dict) -> dict:
-        """The batch with `to_device`'s result under batch['ready'] (run by `prepare`, or ahead in a CPU loader
-        thread); errors stay for `__iter__` to handle."""
-        if batch["name"]:
-            batch = {"errors": batch["errors"], "name": batch["name"], "ready": self.to_device(batch)}
-        return batch
+    def _batches(self) -> Iterator[dict]:
+        """The loader's batches after `to_device` (run here, or already in the loader's threads)."""
+        for batch in self.loader:
+            yield batch if self.prepared_in_loader else self.to_device(batch)
 
     def to_device(self, batch: dict) -> dict:
-        """uint8 CPU batch -> float batch on the device (non-blocking copies from pinned memory)."""
-        out = {"name": batch["name"]}
-        if "bg_id" in batch:
-            return self._gpu_mode_to_device(batch, out)
-        if self._luts is not None:  # on the CPU: one cv2.LUT pass per image plane instead of three torch passes
-            for key in ("bg", "bg_fg", "depth"):
-                out[key] = _look_up(batch[key], self._luts[key])
-            out["mask"] = batch["mask"].float()
+        """uint8 CPU batch -> float batch on the device (non-blocking copies from pinned memory); errors ride along."""
+        out = {"errors": batch["errors"], "name": batch["name"]}
+        if not batch["name"]:
             return out
-        for key in ("bg", "bg_fg"):
-            x = batch[key].to(self.device, non_blocking=True).float()  # (B, 3, H, W)
-            out[key] = x.sub_(self._mean[key]).div_(self._std[key])  # in place: the same numbers as (x - mean) / std
+        for key in ("bg", "bg_fg", "depth"):
+            out[key] = normalize(batch[key].to(self.device, non_blocking=True), key)  # (B, C, H, W) float32
         out["mask"] = batch["mask"].to(self.device, non_blocking=True).float()
-        out["depth"] = batch["depth"].to(self.device, non_blocking=True).float() / 255.0
         return out
-
-    def _gpu_mode_to_device(self, batch: dict, out: dict) -> dict:
-        ids = batch["bg_id"].to(self.device, non_blocking=True)
-        bg = self.backgrounds.index_select(0, ids)  # (B, 3, H, W) uint8
-        bg_fg, mask, depth = (batch[key].to(self.device, non_blocking=True) for key in ("bg_fg", "mask", "depth"))
-        if self.augment:
-            bg, bg_fg, mask, depth = flip_batch([bg, bg_fg, mask, depth], 0.5, self.generator)
-            pair = jitter_batch(bg.float().div_(255.0), bg_fg.float().div_(255.0), p=0.5, generator=self.generator)
-            for key, x in zip(("bg", "bg_fg"), pair):
-                out[key] = (x * 255.0 - self._mean[key]) / self._std[key]  # (B, 3, H, W)
-        else:
-            for key, x in (("bg", bg), ("bg_fg", bg_fg)):
-                out[key] = (x.float() - self._mean[key]) / self._std[key]  # as the CPU mode computes it
-        out["mask"] = mask.float()
-        out["depth"] = depth.float() / 255.0
-        return out
-
-    def decode_batch(self, batch: dict) -> dict:
-        """Decode a batch's JPEG bytes (on the device when `decode_on_device`, else or on failure on the CPU), check
-        each image against its background's size, resize to the dataset's image_size; bad samples join batch['errors']."""
-        dataset = self.dataset
-        n = len(batch["name"])
-        sizes = batch["file_sizes"].view(-1).tolist()
-        chunks = list(torch.split(batch["files"], sizes)) if n else []
-        images = self._decode_on_device(chunks, n) if self.decode_on_device and n else None
-        rows, bg_ids = batch["row"].tolist(), batch["bg_id"].tolist()
-        errors, keep, parts = list(batch["errors"]), [], {"bg_fg": [], "mask": [], "depth": []}
-        for i in range(n):
-            row, bg_shape = rows[i], tuple(int(v) for v in dataset.bg_shapes[bg_ids[i]])
-            try:
-                if images is None:  # the CPU decoder names the bad file
-                    datas = [chunks[3 * i + col].numpy().tobytes() for col in range(3)]
-                    tensors = [_chw(a) for a in dataset._load_others(row, bg_shape, datas)]
-                else:
-                    tensors = images[i]
-                    for col, t in enumerate(tensors):
-                        dataset.check_size(row, col, tuple(t.shape[-2:]), bg_shape)
-            except DataError as exc:
-                errors.append((batch["name"][i], str(exc)))
-                continue
-            keep.append(i)
-            for key, t in zip(parts, tensors):
-                parts[key].append(t)
-        out = {"errors": errors, "name": [batch["name"][i] for i in keep]}
-        out["bg_id"] = batch["bg_id"][keep] if len(keep) < n else batch["bg_id"]
-        for key, is_mask in (("bg_fg", False), ("mask", True), ("depth", False)):
-            out[key] = self._stack(parts[key], is_mask, dataset.image_size, images is not None) if keep else None
-        if keep and images is not None:
-            out["mask"] = (out["mask"] > 127).to(torch.uint8)  # the CPU decoder's binarisation, after the resize
-        return out
-
-    def _decode_on_device(self, chunks: list[torch.Tensor], n: int) -> list[list[torch.Tensor]] | None:
-        """[[bg_fg (3,H,W), mask (1,H,W), depth (1,H,W)] per sample] decoded on the device, or None if the decoder fails.
-
-        On CUDA the decoder runs with a side stream current, so its outputs never come from memory that kernels
-        queued on the training stream still read (nvJPEG does not wait for the caller's stream); the training
-        stream then waits for the side stream, and the outputs are marked as used there.
-        """
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        side = None
-        if self.device.type == "cuda":
-            if self._decode_stream is None:
-                self._decode_stream = torch.cuda.Stream(self.device)
-            side = self._decode_stream
-        try:
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                rgb = decode_jpeg(chunks[0::3], mode=ImageReadMode.RGB, device=self.device)
-                gray = decode_jpeg(chunks[1::3] + chunks[2::3], mode=ImageReadMode.GRAY, device=self.device)
-        except RuntimeError:
-            self.decode_fallbacks += 1
-            return None
-        if side is not None:
-            main = torch.cuda.current_stream(self.device)
-            main.wait_stream(side)
-            for t in [*rgb, *gray]:
-                t.record_stream(main)
-        return [[rgb[i], gray[i], gray[n + i]] for i in range(n)]
-
-    def _stack(self, images: list[torch.Tensor], mask: bool, size: int | None, resize_here: bool) -> torch.Tensor:
-        """(B, C, H, W) uint8 on the device from per-sample CHW tensors (resized to `size` when decoded here)."""
-        if not resize_here:  # the CPU decoder already resized
-            return torch.stack(images).to(self.device, non_blocking=True)
-        if size is None or len({tuple(t.shape) for t in images}) == 1:
-            x = torch.stack(images)  # (B, C, H, W)
-            return _resize_tensor(x, size, mask) if size else x
-        return torch.cat([_resize_tensor(t.unsqueeze(0), size, mask) for t in images])
-
-
-def _look_up(x: torch.Tensor, lut: np.ndarray) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 (B, C, H, W) in channels-last memory, through one 256-entry table per channel
-    (`lut` (256, 1, C) float32), one cv2.LUT call per image. Free of copies when x is channels-last (or C is 1)."""
-    src = x.permute(0, 2, 3, 1).contiguous().numpy()  # (B, H, W, C)
-    out = torch.empty(src.shape, dtype=torch.float32)  # (B, H, W, C)
-    dst = out.numpy()
-    if src.shape[-1] == 1:
-        src, dst, lut = src[..., 0], dst[..., 0], lut[:, :, 0]  # one plane: cv2 wants (H, W) and a (256, 1) table
-    for i in range(src.shape[0]):
-        cv2.LUT(src[i], lut, dst=dst[i])
-    return out.permute(0, 3, 1, 2)
-
-
-_DEVICE_DECODE_OK: dict[str, bool] = {}
-
-
-def device_decoder_works(device: torch.device) -> bool:
-    """True when torchvision's batched JPEG decoder runs on `device` (a CUDA device); probed once per device."""
-    key = str(device)
-    if key not in _DEVICE_DECODE_OK:
-        try:
-            from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
-
-            probe = encode_jpeg(torch.full((3, 16, 16), 128, dtype=torch.uint8))
-            out = decode_jpeg([probe, probe], mode=ImageReadMode.RGB, device=device)
-            _DEVICE_DECODE_OK[key] = len(out) == 2 and out[0].shape == (3, 16, 16) and out[0].device.type == "cuda"
-        except Exception:  # no torchvision, a build without nvJPEG, a driver problem: decode on the CPU
-            _DEVICE_DECODE_OK[key] = False
-    return _DEVICE_DECODE_OK[key]
-
-
-def resolve_data_mode(data_mode: str, device: torch.device) -> str:
-    """'cpu' or 'gpu' for `data_mode` on `device` ('auto': gpu on CUDA)."""
-    if data_mode not in DATA_MODES:
-        raise UserError(f"data_mode must be one of {', '.join(DATA_MODES)}, not {data_mode!r}")
-    if data_mode == "auto":
-        return "gpu" if device.type == "cuda" else "cpu"
-    return data_mode
-
-
-def resolve_decode(decode: str, device: torch.device, dataset: ModestDataset) -> bool:
-    """Whether GPU mode decodes JPEGs on the device ('auto': CUDA cards of compute capability 8.0+, the ones with
-    hardware JPEG decoders, when every file is a JPEG and a probe decode works)."""
-    if decode not in DECODES:
-        raise UserError(f"decode must be one of {', '.join(DECODES)}, not {decode!r}")
-    if decode == "cpu":
-        return False
-    if device.type != "cuda":
-        if decode == "device":
-            raise UserError(f"decode='device' needs a CUDA device, not {device}")
-        return False
-    if decode == "device":
-        if not device_decoder_works(device):
-            raise UserError("decode='device': torchvision's GPU JPEG decoder does not work here; use decode='cpu'")
-        return True
-    return (
-        torch.cuda.get_device_capability(device) >= (8, 0)
-        and dataset.members_are_jpeg()
-        and device_decoder_works(device)
-    )
 
 
 def default_device() -> torch.device:
@@ -954,6 +625,46 @@ def default_workers() -> int:
     return max(1, min(8, usable_cores()))
 
 
+def check_loader_args(batch_size: int, loader: str, data_mode: str, workers: int) -> None:
+    """UserError for a bad batch size, loader kind, data mode or worker count."""
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, not {batch_size}")
+    if loader not in LOADERS:
+        raise UserError(f"loader must be one of {', '.join(LOADERS)}, not {loader!r}")
+    if data_mode not in DATA_MODES:
+        raise UserError(f"data_mode must be one of {', '.join(DATA_MODES)}, not {data_mode!r}")
+    if workers < 0:
+        raise UserError(f"num_workers must be 0 or more, not {workers}")
+
+
+def make_batches(
+    source: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    sampler,
+    drop_last: bool,
+    workers: int,
+    loader: str,
+    collate_fn: Callable[[list[dict]], dict],
+    pin_memory: bool,
+) -> ThreadLoader | DataLoader:
+    """The loader of uint8 batches: a ThreadLoader ("threads" with workers) or a DataLoader (else)."""
+    shuffle = shuffle and sampler is None  # an explicit sampler decides the order
+    kind = DEFAULT_LOADER if loader == "auto" else loader
+    common = dict(batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last)
+    common.update(num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory)
+    if kind == "threads" and workers > 0:
+        return ThreadLoader(source, **common)
+    return DataLoader(
+        source,
+        **common,
+        persistent_workers=False,  # fresh workers per epoch, seeded from the torch RNG: a resumed run repeats exactly
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_seed_worker,
+    )
+
+
 def make_loader(
     dataset: ModestDataset,
     *,
@@ -973,69 +684,56 @@ def make_loader(
 
     loader: "threads" (a pool of threads in this process), "processes" (DataLoader workers), "auto" (DEFAULT_LOADER);
     with num_workers=0 samples load in the calling thread either way.
-    data_mode: "cpu" (decode and augment in the workers), "gpu" (backgrounds kept decoded on the device and sent
-    by index; flip and jitter batched on the device; runs on any device), "auto" (gpu on CUDA, else cpu).
-    decode: where GPU mode decodes JPEGs: "device" (batched nvJPEG), "cpu", "auto" (see `resolve_decode`).
-    ahead: batches prepared on the device by a background thread while the model trains (None: 2 on CUDA, else 0).
+    data_mode: "cpu" (decode and augment in the workers), "gpu" (lib/fastpath.py: backgrounds on the device, flip and
+    jitter batched there), "auto" (gpu on CUDA when lib/fastpath.py is present, else cpu).
+    decode, ahead: the fast path's (see lib.fastpath.make_fast_loader); ahead=None is 2 on CUDA, else 0.
     """
-    if batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, not {batch_size}")
-    if loader not in LOADERS:
-        raise UserError(f"loader must be one of {', '.join(LOADERS)}, not {loader!r}")
     device = torch.device(device) if device is not None else default_device()
     workers = default_workers() if num_workers is None else num_workers
-    if workers < 0:
-        raise UserError(f"num_workers must be 0 or more, not {workers}")
-    mode = resolve_data_mode(data_mode, device)
-    backgrounds = dataset.load_backgrounds() if mode == "gpu" else None
-    if mode == "gpu" and backgrounds is None:
-        if data_mode == "gpu":
-            raise UserError("data_mode='gpu' needs backgrounds of one size; set image_size")
-        mode = "cpu"
-    encoded = mode == "gpu" and resolve_decode(decode, device, dataset)
+    check_loader_args(batch_size, loader, data_mode, workers)
+    if ahead is not None and ahead < 0:
+        raise UserError(f"ahead must be 0 or more batches, not {ahead}")
+    wanted = data_mode == "gpu" or bool(ahead) or decode not in ("auto", "cpu")
+    if wanted or device.type == "cuda":
+        try:
+            from . import fastpath
+        except ImportError:  # the fast path was deleted: the plain path serves, unless it was asked for by name
+            if wanted:
+                raise UserError("data_mode='gpu', decode and ahead need lib/fastpath.py, which is absent") from None
+        else:
+            return fastpath.make_fast_loader(
+                dataset,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                workers=workers,
+                device=device,
+                skip_bad_samples=skip_bad_samples,
+                sampler=sampler,
+                drop_last=drop_last,
+                loader=loader,
+                data_mode=data_mode,
+                decode=decode,
+                ahead=ahead,
+            )
     dataset.catch_errors = True
-    source = DeviceSamples(dataset, encoded) if mode == "gpu" else dataset
-    collate = collate_device_samples if mode == "gpu" else collate_samples
-    pin = device.type == "cuda" and not encoded
-    kind = DEFAULT_LOADER if loader == "auto" else loader
-    shuffle = shuffle and sampler is None  # an explicit sampler decides the order
-    if kind == "threads" and workers > 0:
-        inner = ThreadLoader(
-            source,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=pin,
-        )
-    else:
-        inner = DataLoader(
-            source,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=pin,
-            drop_last=drop_last,
-            persistent_workers=False,  # fresh workers per epoch, seeded from the torch RNG: a resumed run repeats exactly
-            prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=_seed_worker,
-        )
-    device_loader = DeviceLoader(
-        inner,
-        device,
-        skip_bad_samples=skip_bad_samples,
-        dataset=dataset,
-        backgrounds=backgrounds,
-        augment=mode == "gpu" and dataset.augment is not None,
-        decode_on_device=encoded,
-        ahead=(2 if device.type == "cuda" else 0) if ahead is None else ahead,
+    inner = make_batches(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        drop_last=drop_last,
+        workers=workers,
+        loader=loader,
+        collate_fn=collate_samples,
+        pin_memory=device.type == "cuda",
     )
-    if isinstance(inner, ThreadLoader) and device.type == "cpu" and mode == "cpu":
-        inner.finish = device_loader.finish_batch  # on the CPU the float conversion is work: spread it over the threads
+    # on the CPU the float conversion is work: spread it over the loader's threads
+    in_threads = isinstance(inner, ThreadLoader) and device.type == "cpu"
+    device_loader = DeviceLoader(
+        inner, device, skip_bad_samples=skip_bad_samples, dataset=dataset, prepared_in_loader=in_threads
+    )
+    if in_threads:
+        inner.prepare = device_loader.to_device
     return device_loader
 
 

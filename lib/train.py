@@ -737,7 +737,7 @@ def resolve_data(data: str, progress: bool = True, size: int | None = None) -> P
         with _one_at_a_time(Path("data")):
             return make_synthetic_dataset(folder, progress=progress, **d)
     if data == "modest":
-        from .download import download_modest
+        from tools.download import download_modest  # a tool: imported only when asked for
 
         with _one_at_a_time(Path("data")):
             return download_modest("data", progress=progress).path

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import simplejpeg
+import torch
 
 SIZE = 64
 
@@ -61,3 +62,26 @@ def zip_folder(folder: Path, zip_path: Path, top: str | None = None) -> Path:
 def tiny_modest(tmp_path_factory) -> Path:
     """A 3 bg x 2 fg x 4 placements (24 samples) 64 px MODEST folder, shared read-only by tests."""
     return write_tiny_modest(tmp_path_factory.mktemp("tiny") / "modest")
+
+
+def load_batches(dataset, **kw) -> list[dict]:
+    """Every batch of a make_loader over `dataset` (5 per batch, in order, 2 workers, CPU), as a list."""
+    from lib.data import make_loader
+
+    kw = {"batch_size": 5, "shuffle": False, "num_workers": 2, "device": "cpu", **kw}
+    return list(make_loader(dataset, **kw))
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    """The same names in the same order, and equal bg, bg_fg, mask and depth."""
+    assert [x["name"] for x in a] == [y["name"] for y in b]
+    for x, y in zip(a, b):
+        for key in ("bg", "bg_fg", "mask", "depth"):
+            assert torch.equal(x[key], y[key]), key
+
+
+def corrupt_tiny_modest(tmp_path: Path, member: str) -> Path:
+    """A small MODEST folder (2 rooms x 1 figure x 4) with `member` overwritten by bytes no decoder reads."""
+    root = write_tiny_modest(tmp_path / "bad", n_bg=2, n_fg=1, n_place=2)
+    (root / member).write_bytes(b"\xff\xd8 not really a jpeg")
+    return root

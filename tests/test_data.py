@@ -1,30 +1,36 @@
-"""MODEST reading from folders and zips, splits, binarisation, loaders, augmentation alignment."""
+"""MODEST reading from folders and zips, splits, binarisation, the plain loaders (threads, processes), augmentation."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import simplejpeg
 import torch
-from conftest import write_tiny_modest, zip_folder
+from conftest import assert_same_batches, corrupt_tiny_modest, load_batches, write_tiny_modest, zip_folder
 
 from lib.augment import _hsv_to_rgb, _rgb_to_hsv, apply_augment, jitter_batch, make_train_augment
 from lib.data import (
     BG_MEAN,
     BG_STD,
     ModestDataset,
-    _resize_tensor,
+    ThreadLoader,
     make_loader,
     make_loaders,
     make_split,
     normalize,
     resize,
+    resize_tensor,
     stack_channels_last,
 )
 from lib.errors import DataError, UserError
 from lib.zipindex import ZipIndex
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _equal_samples(a: ModestDataset, b: ModestDataset) -> None:
@@ -89,7 +95,7 @@ def test_shrunk_mask_is_the_majority_of_each_new_pixel():
     mask = np.where(np.hypot(yy - 30, xx - 30) < radius, 255, 0).astype(np.uint8)  # (60, 60)
     majority = mask.reshape(20, 3, 20, 3).mean((1, 3)) > 127.5  # (20, 20)
     cpu = resize(mask, 20, mask=True) > 127
-    device = _resize_tensor(torch.from_numpy(mask)[None, None], 20, mask=True)[0, 0].numpy() > 127
+    device = resize_tensor(torch.from_numpy(mask)[None, None], 20, mask=True)[0, 0].numpy() > 127
     nearest = mask[1::3, 1::3] > 127
     assert (cpu == majority).all() and (device == majority).all()
     assert (nearest != majority).sum() > 0  # the case is one where the two rules disagree
@@ -317,3 +323,161 @@ def test_gpu_jitter_shares_the_draw_and_is_identity_at_p0():
     assert (out_bg - bg).abs().max() > 0.01
     same_bg, _ = jitter_batch(bg, bg_fg, p=0.0)
     torch.testing.assert_close(same_bg, bg, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- the loaders of the plain path
+
+
+@pytest.mark.parametrize("image_size", [None, 32])
+def test_thread_loader_yields_what_the_process_loader_yields(tiny_modest, image_size):
+    dataset = ModestDataset(tiny_modest, image_size=image_size)
+    threads = load_batches(dataset, loader="threads", data_mode="cpu")
+    assert (
+        type(make_loader(dataset, batch_size=5, shuffle=False, num_workers=2, device="cpu", loader="threads").loader)
+        is ThreadLoader
+    )
+    assert_same_batches(threads, load_batches(dataset, loader="processes", data_mode="cpu"))
+    assert_same_batches(threads, load_batches(dataset, loader="processes", data_mode="cpu", num_workers=0))
+    assert sum(len(b["name"]) for b in threads) == len(dataset)
+
+
+def test_thread_loader_augmentation_repeats_for_a_seed_whatever_the_thread_count(tiny_modest):
+    train = ModestDataset(tiny_modest).subset("train", augment=True)
+
+    def run(workers: int) -> list[dict]:
+        torch.manual_seed(7)
+        return load_batches(train, loader="threads", data_mode="cpu", shuffle=True, num_workers=workers)
+
+    one, two = run(1), run(2)
+    assert_same_batches(one, two)
+    plain = {n: i for i, n in enumerate(train.sample_names[train.rows].astype(str))}
+    assert sorted(n for b in one for n in b["name"]) == sorted(plain)  # shuffled, every sample once
+    torch.manual_seed(8)
+    other = load_batches(train, loader="threads", data_mode="cpu", shuffle=True, num_workers=2)
+    assert [b["name"] for b in other] != [b["name"] for b in one]
+
+
+def test_thread_loader_raises_worker_errors_and_stops_early_cleanly():
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            if i == 17:
+                raise ValueError("boom")
+            return {
+                "name": str(i),
+                "bg": torch.zeros(1),
+                "bg_fg": torch.zeros(1),
+                "mask": torch.zeros(1),
+                "depth": torch.zeros(1),
+            }
+
+    loader = ThreadLoader(Broken(), batch_size=4, num_workers=2)
+    assert len(loader) == 10
+    with pytest.raises(ValueError, match="boom"):
+        list(loader)
+    it = iter(loader)
+    assert next(it)["name"] == ["0", "1", "2", "3"]
+    it.close()  # leaving early must not hang or leak errors
+    with pytest.raises(UserError):
+        ThreadLoader(Broken(), batch_size=4, num_workers=0)
+
+
+@pytest.mark.parametrize("loader", ["threads", "processes"])
+def test_bad_file_is_named_or_skipped_in_every_loader(tmp_path, loader):
+    root = corrupt_tiny_modest(tmp_path, "bg_fg/bg001_fg001_03.jpeg")
+    dataset = ModestDataset(root)
+    with pytest.raises(DataError, match="bg001_fg001_03.jpeg"):
+        load_batches(dataset, loader=loader, data_mode="cpu")
+    dev = make_loader(
+        dataset, batch_size=5, shuffle=False, num_workers=2, device="cpu", loader=loader, skip_bad_samples=True
+    )
+    names = [n for b in dev for n in b["name"]]
+    assert len(names) == len(dataset) - 1 and "bg001_fg001_03" not in names
+    assert [name for name, _ in dev.skipped] == ["bg001_fg001_03"]
+
+
+def test_cpu_float_conversion_by_table_equals_the_arithmetic():
+    """normalize on a CPU uint8 batch (one cv2.LUT per image) gives the float path's numbers exactly."""
+    every = torch.arange(256, dtype=torch.uint8)
+    x = {
+        "bg": every.view(1, 1, 16, 16).expand(2, 3, 16, 16).contiguous(),
+        "bg_fg": every.flip(0).view(1, 1, 16, 16).expand(2, 3, 16, 16).contiguous(),
+        "depth": every.view(1, 1, 16, 16).expand(2, 1, 16, 16).contiguous(),
+    }
+    for key, batch in x.items():
+        fast = normalize(batch, key)
+        slow = normalize(batch.float() / 255.0, key)
+        assert fast.dtype == torch.float32 and torch.equal(fast, slow), key
+    expected = (every.float() - BG_MEAN[1] * 255) / (BG_STD[1] * 255)
+    torch.testing.assert_close(normalize(x["bg"], "bg")[0, 1].flatten(), expected)
+    assert torch.equal(normalize(x["depth"], "depth")[0, 0].flatten(), every.float() / 255.0)
+
+
+def test_default_loader_is_threads_with_workers_and_inline_without(tiny_modest):
+    dataset = ModestDataset(tiny_modest)
+    assert type(make_loader(dataset, batch_size=4, shuffle=False, num_workers=2, device="cpu").loader) is ThreadLoader
+    assert (
+        type(make_loader(dataset, batch_size=4, shuffle=False, num_workers=0, device="cpu").loader)
+        is torch.utils.data.DataLoader
+    )
+    assert (
+        type(make_loader(dataset, batch_size=4, shuffle=False, num_workers=2, device="cpu", loader="processes").loader)
+        is torch.utils.data.DataLoader
+    )
+
+
+def test_auto_mode_is_cpu_on_the_cpu(tiny_modest):
+    assert (
+        make_loader(ModestDataset(tiny_modest), batch_size=4, shuffle=False, num_workers=0, device="cpu").data_mode
+        == "cpu"
+    )
+    with pytest.raises(UserError, match="data_mode"):
+        make_loader(ModestDataset(tiny_modest), batch_size=4, shuffle=False, device="cpu", data_mode="tpu")
+    with pytest.raises(UserError, match="loader"):
+        make_loader(ModestDataset(tiny_modest), batch_size=4, shuffle=False, device="cpu", loader="fibers")
+
+
+def test_missing_albumentations_is_reported_only_when_the_cpu_pipeline_runs(monkeypatch):
+    import lib.augment as augment
+
+    monkeypatch.setattr(augment, "A", None)
+    aug = augment.make_train_augment()
+    aug.set_random_seed(3)  # fit seeds it: fine
+    with pytest.raises(UserError, match="albumentations"):
+        augment.apply_augment(aug, *(np.zeros((4, 4, 3), np.uint8),) * 2, *(np.zeros((4, 4), np.uint8),) * 2)
+
+
+def test_plain_path_loads_and_trains_without_the_fast_path(tiny_modest):
+    """lib/fastpath.py can be deleted: with its import blocked, make_loaders serves batches and a model trains."""
+    code = f"""
+import sys
+sys.modules["lib.fastpath"] = None  # as if the file were deleted: importing it raises ImportError
+import torch
+from lib.data import make_loaders
+from lib.errors import UserError
+from lib.losses import make_loss
+from lib.models import make_model
+train_loader, val_loader = make_loaders({str(tiny_modest)!r}, batch_size=4, image_size=32, num_workers=2, device="cpu")
+model = make_model("masknet")
+loss_fn = make_loss("bce", "masknet")
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+for step, batch in zip(range(2), train_loader):
+    logits = model(batch["bg"], batch["bg_fg"])["mask"]
+    loss = loss_fn(logits, batch["mask"])
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+assert sum(len(b["name"]) for b in val_loader) == len(val_loader.dataset)
+try:
+    make_loaders({str(tiny_modest)!r}, batch_size=4, device="cpu", data_mode="gpu")
+except UserError as exc:
+    assert "fastpath" in str(exc)
+else:
+    raise AssertionError("data_mode='gpu' without lib/fastpath.py must fail")
+assert "lib.fastpath" not in [m for m, v in sys.modules.items() if v is not None]
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -37,8 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib.build import build_dataset  # noqa: E402
 from lib.synthetic import fg_height, make_figure, make_synthetic_dataset  # noqa: E402
+from tools.build import build_dataset  # noqa: E402
 
 SIZE = 64  # the demo's image size: each checkpoint is scored at its own size
 TEST_SEEDS = (101, 102, 103)

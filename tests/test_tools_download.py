@@ -1,4 +1,4 @@
-"""data_download.py and lib/download.py against a real HTTP server on 127.0.0.1 (gdown does the downloading)."""
+"""data_download.py and tools/download.py against a real HTTP server on 127.0.0.1 (gdown does the downloading)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lib import download  # noqa: E402
 from lib.errors import DataError, run_cli  # noqa: E402
+from tools import download  # noqa: E402
 
 ZIP_NAME = download.REGISTRY["modest"]["filename"]
 CHUNK = importlib.import_module("gdown.download").CHUNK_SIZE  # gdown reads and writes 512 KB at a time

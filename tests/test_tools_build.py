@@ -1,4 +1,4 @@
-"""`data_download.py build` / lib.build: a MODEST-format dataset from your own backgrounds and cut-outs."""
+"""`data_download.py build` / tools.build: a MODEST-format dataset from your own backgrounds and cut-outs."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import data_download  # noqa: E402
-from lib.build import build_dataset, fg_height, inverse_depth_to_uint8  # noqa: E402
 from lib.data import ModestDataset  # noqa: E402
 from lib.errors import run_cli  # noqa: E402
 from lib.models import make_model  # noqa: E402
 from lib.predict import predict_pair  # noqa: E402
 from lib.train import CHECKPOINT_FORMAT, Config, load_model, save_checkpoint  # noqa: E402
+from tools.build import build_dataset, fg_height, inverse_depth_to_uint8  # noqa: E402
 
 SIZE, PLACEMENTS = 48, 2
 

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .synthetic import encode_jpeg, encode_png, fg_height, paste_figure
+from lib.errors import UserError
+from lib.synthetic import encode_jpeg, encode_png, fg_height, paste_figure
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff")
@@ -151,8 +151,8 @@ def _resize_rgba(rgba: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def _depthnet_depth(path: Path, device: torch.device) -> tuple[DepthFn, str]:
     """Depth from one of our DepthNet checkpoints, run on (bg, bg_fg)."""
-    from .predict import predict_batch
-    from .train import load_model
+    from lib.predict import predict_batch
+    from lib.train import load_model
 
     model, state = load_model(path, device)
     cfg = state["config"]
@@ -219,7 +219,7 @@ def _hub_depth(entry: str, device: torch.device) -> tuple[DepthFn, str]:  # prag
 
 def make_depth_fn(spec: str | None, device: torch.device | str | None = None) -> tuple[DepthFn, str]:
     """The depth function a --depth-model names (a checkpoint file or a hub entry); None: the flat placeholder."""
-    from .data import default_device
+    from lib.data import default_device
 
     if spec is None:
 
@@ -322,7 +322,7 @@ def build_dataset(
         (tmp / "bbox.txt").write_text("".join(bbox))
         meta = {
             "format": "modest",
-            "generator": "lib.build",
+            "generator": "tools.build",
             "size": size,
             "placements": placements,
             "seed": seed,

@@ -34,9 +34,9 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import DataError, UserError
-from .modest import FILE_MAP, FOLDERS, parse_file_map, resolve_names
-from .zipindex import ZipIndex, find_sorted
+from lib.errors import DataError, UserError
+from lib.modest import FILE_MAP, FOLDERS, parse_file_map, resolve_names
+from lib.zipindex import ZipIndex, find_sorted
 
 # The one place that says where MODEST lives. `size`/`sha256` describe the exact zip on Drive; they are
 # not published and cannot be learnt without downloading 6.6 GB, so they are None (= unknown) and

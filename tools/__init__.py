@@ -1,0 +1,1 @@
+"""Tools that serve the command lines (benchmarks, downloading, building datasets); lib/ is the core the notebooks read."""
