@@ -1,4 +1,5 @@
-"""MaskNet and DepthNet: two-image (bg, bg_fg) networks that return raw outputs (logits, depth)."""
+"""MaskNet and DepthNet: two-image (bg, bg_fg) networks; both return a dict of raw outputs: {"mask": logits} and,
+for DepthNet, "depth"."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ __all__ = [
     "MODEL_SIZE_MULTIPLE",
     "make_model",
     "count_parameters",
-    "as_outputs",
     "unwrap_model",
 ]
 
@@ -56,12 +56,12 @@ class MaskNet(nn.Module):
         self.body = nn.Sequential(conv_bn_relu(64, 64), conv_bn_relu(64, 64))
         self.head = nn.Conv2d(64, 1, kernel_size=1)
 
-    def forward(self, bg: torch.Tensor, bg_fg: torch.Tensor) -> torch.Tensor:
-        """Return mask logits (B, 1, H, W) for normalised bg, bg_fg (B, 3, H, W); any H, W."""
+    def forward(self, bg: torch.Tensor, bg_fg: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return {"mask": logits (B, 1, H, W)} for normalised bg, bg_fg (B, 3, H, W); any H, W."""
         check_pair(bg, bg_fg)
         x = torch.cat([self.bg_stem(bg), self.bg_fg_stem(bg_fg)], dim=1)  # (B, 64, H, W)
         x = self.body(x)
-        return self.head(x)  # (B, 1, H, W)
+        return {"mask": self.head(x)}  # (B, 1, H, W)
 
 
 class Encoder(nn.Module):
@@ -132,8 +132,8 @@ class DepthNet(nn.Module):
         self.depth_decoder5 = Decoder(32, 16)
         self.depth_head = nn.Conv2d(16, 1, kernel_size=1)
 
-    def forward(self, bg: torch.Tensor, bg_fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (mask logits, depth), each (B, 1, H, W), for normalised bg, bg_fg (B, 3, H, W)."""
+    def forward(self, bg: torch.Tensor, bg_fg: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return {"mask": logits, "depth": depth}, each (B, 1, H, W), for normalised bg, bg_fg (B, 3, H, W)."""
         check_pair(bg, bg_fg, self.size_multiple)
         bg_features = self.bg_stem(bg)  # (B, 16, H, W)
         bg_fg_features = self.bg_fg_stem(bg_fg)  # (B, 16, H, W)
@@ -156,7 +156,7 @@ class DepthNet(nn.Module):
         d4 = self.depth_decoder4(d3, x3) + x3  # (B, 32, H/2, W/2)
         d5 = self.depth_decoder5(d4, bg_fg_features)  # (B, 16, H, W)
         depth = self.depth_head(d5)  # (B, 1, H, W)
-        return mask_logits, depth
+        return {"mask": mask_logits, "depth": depth}
 
 
 MODELS: dict[str, type[nn.Module]] = {"masknet": MaskNet, "depthnet": DepthNet}
@@ -180,15 +180,3 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """Return the plain model inside DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
     inner = getattr(model, "module", model)
     return getattr(inner, "_orig_mod", inner)
-
-
-def as_outputs(raw: torch.Tensor | tuple | list | dict) -> dict[str, torch.Tensor]:
-    """Turn a model's raw return into {"mask": logits (B, 1, H, W), "depth": (B, 1, H, W) if the model has it}."""
-    if isinstance(raw, torch.Tensor):
-        return {"mask": raw}
-    if isinstance(raw, dict) and "mask" in raw:
-        return dict(raw)
-    if isinstance(raw, (tuple, list)) and len(raw) == 2:
-        mask_logits, depth = raw
-        return {"mask": mask_logits, "depth": depth}
-    raise TypeError(f"cannot read model outputs of type {type(raw).__name__}; expected a tensor or (mask, depth)")

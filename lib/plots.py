@@ -10,7 +10,6 @@ import torch
 from matplotlib.figure import Figure
 
 from .data import normalize
-from .models import as_outputs
 
 DEPTH_CMAP = "magma"  # brighter = farther, as in MODEST
 
@@ -51,7 +50,7 @@ def predict_samples(model: torch.nn.Module, samples: Sequence[dict], device="cpu
     device = torch.device(device)
     dtype = next(model.parameters()).dtype
     bg, bg_fg = (normalize(torch.stack([s[key] for s in samples]).to(device), key).to(dtype) for key in ("bg", "bg_fg"))
-    outputs = as_outputs(model(bg, bg_fg))  # bg, bg_fg: (B, 3, H, W)
+    outputs = model(bg, bg_fg)  # bg, bg_fg: (B, 3, H, W)
     probs = torch.sigmoid(outputs["mask"].float()).cpu()
     depth = outputs["depth"].float().clamp(0, 1).cpu() if "depth" in outputs else None
     return list(samples), probs, depth

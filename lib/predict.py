@@ -39,7 +39,7 @@ import torch
 
 from .data import default_device, normalize
 from .errors import UserError, run_cli
-from .models import MODEL_SIZE_MULTIPLE, as_outputs, unwrap_model
+from .models import MODEL_SIZE_MULTIPLE, unwrap_model
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 WEIGHTS = (
@@ -112,7 +112,7 @@ def predict_batch(
         )  # (N, 3, h, w)
 
     model.eval()
-    outputs = as_outputs(model(batch(bg_rgbs, "bg"), batch(bg_fg_rgbs, "bg_fg")))
+    outputs = model(batch(bg_rgbs, "bg"), batch(bg_fg_rgbs, "bg_fg"))
 
     def back(x: torch.Tensor) -> np.ndarray:  # (N, 1, h, w) in [0, 1] -> (N, H, W) float32 at the input size
         x = x.float().clamp(0, 1)[:, 0].cpu().numpy()

@@ -40,7 +40,7 @@ from .data import ModestDataset, default_device, make_loader
 from .errors import UserError, run_cli
 from .losses import DEFAULT_LOSS, make_loss, valid_losses
 from .metrics import Metrics
-from .models import MODEL_SIZE_MULTIPLE, MODELS, as_outputs, count_parameters, make_model, unwrap_model
+from .models import MODEL_SIZE_MULTIPLE, MODELS, count_parameters, make_model, unwrap_model
 
 CHECKPOINT_FORMAT = "bgfg-mask-depth/1"
 DEMO_DATA = dict(size=64, backgrounds=100, foregrounds=12, placements=1, seed=0)  # 2,400 samples, 100 rooms
@@ -225,7 +225,7 @@ def train_step(
     """One optimisation step on a device batch; returns (loss, outputs) without reading them on the host."""
     bg, bg_fg = _inputs(batch, channels_last)
     with _autocast(device, amp_dtype):
-        outputs = as_outputs(model(bg, bg_fg))
+        outputs = model(bg, bg_fg)
     loss, _ = loss_fn(outputs, batch)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -309,7 +309,7 @@ def evaluate(
     for batch in loader:
         bg, bg_fg = _inputs(batch, channels_last)
         with _autocast(device, amp_dtype):
-            outputs = as_outputs(model(bg, bg_fg))
+            outputs = model(bg, bg_fg)
         outputs = {k: v.float() for k, v in outputs.items()}
         if metrics is None:
             metrics = Metrics(device, with_depth="depth" in outputs if with_depth is None else with_depth)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lib.losses import make_loss
-from lib.models import as_outputs, make_model
+from lib.models import make_model
 from lib.train import Config, autocast_dtype, fit, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -28,16 +28,16 @@ def test_amp_channels_last_forward_backward(name):
     dtype = autocast_dtype(device, True)
     assert dtype in (torch.bfloat16, torch.float16)
     with torch.autocast("cuda", dtype=dtype):
-        outputs = as_outputs(model(bg, bg_fg))
+        outputs = model(bg, bg_fg)
     assert outputs["mask"].dtype == dtype
     loss, _ = make_loss("bce" if name == "masknet" else "bce_rmse", name)(outputs, batch)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with torch.no_grad():  # AMP output close to fp32 output
-        ref = as_outputs(model.float()(bg.float(), bg_fg.float()))["mask"]
+        ref = model.float()(bg.float(), bg_fg.float())["mask"]
         with torch.autocast("cuda", dtype=dtype):
-            low = as_outputs(model(bg, bg_fg))["mask"].float()
+            low = model(bg, bg_fg)["mask"].float()
     assert (ref - low).abs().mean() < 0.05 * ref.abs().mean() + 1e-2
 
 

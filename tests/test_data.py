@@ -464,8 +464,8 @@ model = make_model("masknet")
 loss_fn = make_loss("bce", "masknet")
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 for step, batch in zip(range(2), train_loader):
-    logits = model(batch["bg"], batch["bg_fg"])["mask"]
-    loss = loss_fn(logits, batch["mask"])
+    outputs = model(batch["bg"], batch["bg_fg"])
+    loss, parts = loss_fn(outputs, batch)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

@@ -11,7 +11,6 @@ from lib.models import (
     MODELS,
     DepthNet,
     MaskNet,
-    as_outputs,
     count_parameters,
     make_model,
 )
@@ -60,7 +59,7 @@ def test_output_shapes_at_64(seeded_models, model_name):
     model = seeded_models[model_name].eval()
     bg, bg_fg = make_pair()
     with torch.no_grad():
-        outputs = as_outputs(model(bg, bg_fg))
+        outputs = model(bg, bg_fg)
     assert outputs["mask"].shape == (2, 1, 64, 64)
     if model_name == "depthnet":
         assert outputs["depth"].shape == (2, 1, 64, 64)
@@ -73,14 +72,14 @@ def test_non_square_sizes_at_their_multiple(seeded_models, model_name):
     multiple = MODEL_SIZE_MULTIPLE[model_name]
     height, width = (32, 96) if multiple == 32 else (17, 23)
     with torch.no_grad():
-        outputs = as_outputs(model(*make_pair(1, height, width)))
+        outputs = model(*make_pair(1, height, width))
     assert all(value.shape == (1, 1, height, width) for value in outputs.values())
 
 
 def test_forward_backward_has_no_inplace_error(model_name):
     torch.manual_seed(0)
     model = make_model(model_name).train()
-    outputs = as_outputs(model(*make_pair()))
+    outputs = model(*make_pair())
     loss = sum(value.float().square().mean() for value in outputs.values())
     loss.backward()  # the original's in-place skip adds failed here
     grads = [p.grad for p in model.parameters()]
@@ -93,7 +92,7 @@ def test_depthnet_depth_is_raw_regression():
     model = DepthNet().eval()
     with torch.no_grad():
         model.depth_head.bias.fill_(-5.0)  # a sigmoid/ReLU on the output could not give values below 0
-        _, depth = model(*make_pair(1))
+        depth = model(*make_pair(1))["depth"]
     assert depth.min() < 0
 
 
@@ -101,11 +100,10 @@ def test_channels_last_matches_contiguous(seeded_models, model_name):
     model = seeded_models[model_name].eval()
     bg, bg_fg = make_pair()
     with torch.no_grad():
-        expected = as_outputs(model(bg, bg_fg))
+        expected = model(bg, bg_fg)
         model_cl = model.to(memory_format=torch.channels_last)
-        got = as_outputs(
-            model_cl(bg.to(memory_format=torch.channels_last), bg_fg.to(memory_format=torch.channels_last))
-        )
+        got = model_cl(bg.to(memory_format=torch.channels_last), bg_fg.to(memory_format=torch.channels_last))
+
         model.to(memory_format=torch.contiguous_format)
     for key in expected:
         torch.testing.assert_close(got[key].contiguous(), expected[key], atol=1e-4, rtol=1e-4)
@@ -114,7 +112,7 @@ def test_channels_last_matches_contiguous(seeded_models, model_name):
 def test_bf16_autocast_forward_runs(seeded_models, model_name):
     model = seeded_models[model_name].eval()
     with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        outputs = as_outputs(model(*make_pair()))
+        outputs = model(*make_pair())
     for value in outputs.values():
         assert value.shape == (2, 1, 64, 64)
         assert value.dtype == torch.bfloat16
@@ -133,13 +131,13 @@ def test_mismatched_inputs_raise_user_error(seeded_models):
         seeded_models["masknet"](bg, bg_fg)
 
 
-def test_as_outputs():
-    logits, depth = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
-    assert as_outputs(logits)["mask"] is logits and "depth" not in as_outputs(logits)
-    outputs = as_outputs((logits, depth))
-    assert outputs["mask"] is logits and outputs["depth"] is depth
-    with pytest.raises(TypeError):
-        as_outputs(3)
+def test_both_models_return_a_dict_with_mask_and_depthnet_also_depth(seeded_models):
+    bg, bg_fg = make_pair(1, 32, 32)
+    with torch.no_grad():
+        mask_out, depth_out = seeded_models["masknet"](bg, bg_fg), seeded_models["depthnet"](bg, bg_fg)
+    assert isinstance(mask_out, dict) and set(mask_out) == {"mask"}
+    assert isinstance(depth_out, dict) and set(depth_out) == {"mask", "depth"}
+    assert mask_out["mask"].shape == depth_out["mask"].shape == depth_out["depth"].shape == (1, 1, 32, 32)
 
 
 @pytest.mark.skipif(
@@ -152,6 +150,6 @@ def test_torch_compile_matches_eager(model_name):
     compiled = torch.compile(model)
     bg, bg_fg = make_pair()
     with torch.no_grad():
-        expected, got = as_outputs(model(bg, bg_fg)), as_outputs(compiled(bg, bg_fg))
+        expected, got = model(bg, bg_fg), compiled(bg, bg_fg)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-4)
