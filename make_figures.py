@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lib.data import ModestDataset  # noqa: E402
 from lib.errors import run_cli  # noqa: E402
-from lib.plots import plot_curves, plot_predictions, plot_samples, predict_samples  # noqa: E402
+from lib.plots import plot_curves, plot_predictions, plot_samples  # noqa: E402
+from lib.predict import predict_samples  # noqa: E402
 from lib.train import load_model, resolve_data  # noqa: E402
 from lib.widgets import make_browser, pick_samples  # noqa: E402
 

@@ -216,34 +216,38 @@ def _decode_with_torchvision(data: bytes, gray: bool) -> np.ndarray:
     return img[0].numpy() if gray else img.permute(1, 2, 0).numpy()  # (H, W) or (H, W, 3)
 
 
-def resize(img: np.ndarray, size: int, mask: bool = False) -> np.ndarray:
-    """Resize to size x size: area when shrinking; when enlarging, bilinear, or nearest for a `mask`.
+def resize(img: np.ndarray, size: int | tuple[int, int], mask: bool = False) -> np.ndarray:
+    """Resize an HxW(xC) uint8 or float32 image to `size` (one side, or (height, width)): area when shrinking;
+    when enlarging, bilinear, or nearest for a `mask`. The one resize on the CPU: data, prediction, tools.
 
     A shrunk mask (0/255) is the share of each new pixel the figure covers, so the loader's "> 127" makes a
     pixel foreground when the figure covers most of it: the same footprint the area-shrunk photos show.
     (Nearest sampling would keep whichever source pixel sits at the sample point: a label up to a pixel off.)
     """
-    if img.shape[0] == size and img.shape[1] == size:
+    height, width = (size, size) if isinstance(size, int) else size
+    if img.shape[:2] == (height, width):
         return img
     if cv2 is None:
-        out = resize_tensor(_chw(img).unsqueeze(0), size, mask)[0].permute(1, 2, 0).numpy()  # (size, size, C)
+        out = resize_tensor(_chw(img).unsqueeze(0), size, mask)[0].permute(1, 2, 0).numpy()  # (height, width, C)
         return out[:, :, 0] if img.ndim == 2 else out
-    if img.shape[0] > size:
+    if height * width < img.shape[0] * img.shape[1]:
         mode = cv2.INTER_AREA
     else:
         mode = cv2.INTER_NEAREST if mask else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=mode)
+    return cv2.resize(img, (width, height), interpolation=mode)
 
 
-def resize_tensor(x: torch.Tensor, size: int, mask: bool = False) -> torch.Tensor:
-    """Resize uint8 (B, C, H, W) to size x size on its device, as `resize` does (area when shrinking)."""
-    if x.shape[-2:] == (size, size):
+def resize_tensor(x: torch.Tensor, size: int | tuple[int, int], mask: bool = False) -> torch.Tensor:
+    """Resize (B, C, H, W) to `size` on its device, as `resize` does (area when shrinking); keeps uint8 uint8."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if tuple(x.shape[-2:]) == (height, width):
         return x
-    if mask and x.shape[-2] < size:
-        return F.interpolate(x, size=(size, size), mode="nearest")
-    mode = "area" if x.shape[-2] > size else "bilinear"
-    y = F.interpolate(x.float(), size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
-    return y.round_().clamp_(0, 255).to(torch.uint8)  # (B, C, size, size)
+    shrink = height * width < x.shape[-2] * x.shape[-1]
+    if mask and not shrink:
+        return F.interpolate(x, size=(height, width), mode="nearest")
+    mode = "area" if shrink else "bilinear"
+    y = F.interpolate(x.float(), size=(height, width), mode=mode, **({} if shrink else {"align_corners": False}))
+    return y.round_().clamp_(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y  # (B, C, height, width)
 
 
 # ----------------------------------------------------------------------------------------------------------

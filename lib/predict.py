@@ -22,7 +22,8 @@ Any input size works: the images are resized to the checkpoint's training size (
 without one, DepthNet rounds each side to a multiple of 32) and the outputs resized back.
 
 From a notebook: `model, state = lib.train.load_model(path)`, then
-`predict_pair(model, bg_rgb, bg_fg_rgb, state["config"]["image_size"])` with HxWx3 uint8 RGB arrays.
+`predict_pair(model, bg_rgb, bg_fg_rgb, state["config"]["image_size"])` with HxWx3 uint8 RGB arrays
+(lib.plots.plot_prediction draws the result).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import cv2
 import numpy as np
 import torch
 
-from .data import default_device, normalize
+from .data import default_device, normalize, resize
 from .errors import UserError, run_cli
 from .models import MODEL_SIZE_MULTIPLE, unwrap_model
 
@@ -45,7 +46,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 WEIGHTS = (
     Path(__file__).resolve().parent.parent / "weights"
 )  # shipped weights: weights/README.md says how they were made
-DEPTH_CMAP = "magma"  # as lib.plots: brighter = farther
 
 
 # ---------------------------------------------------------------------------------------------- library
@@ -58,20 +58,6 @@ def model_input_size(height: int, width: int, image_size: int | None, multiple: 
     return tuple(max(multiple, int(round(side / multiple)) * multiple) for side in (height, width))
 
 
-def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Area when shrinking, bilinear when enlarging (works for uint8 RGB and float32 maps)."""
-    if img.shape[:2] == (height, width):
-        return img
-    shrink = height * width < img.shape[0] * img.shape[1]
-    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def _normalise(img: np.ndarray, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """HxWx3 uint8 -> (1, 3, H, W) normalised as in training (`key`: "bg" or "bg_fg")."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)[None]  # (1, 3, H, W)
-    return normalize(x, key).to(dtype)
-
-
 def _model_multiple(model: torch.nn.Module) -> int:
     return int(getattr(unwrap_model(model), "size_multiple", 1))
 
@@ -82,6 +68,27 @@ def _check_rgb(name: str, img: np.ndarray) -> None:
 
 
 @torch.no_grad()
+def predict_images(
+    model: torch.nn.Module, bg: torch.Tensor, bg_fg: torch.Tensor, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 (B, 3, H, W) bg, bg_fg -> (mask probabilities (B, 1, H, W), depth (B, 1, H, W) in [0, 1] or None), float32
+    on `device` (default: the model's). The one prediction: predict_samples, predict_batch and the widgets call it."""
+    param = next(model.parameters())
+    device = torch.device(device) if device is not None else param.device
+    bg, bg_fg = (normalize(x.to(device), key).to(param.dtype) for x, key in ((bg, "bg"), (bg_fg, "bg_fg")))
+    model.eval()
+    outputs = model(bg, bg_fg)  # {"mask": logits (B, 1, H, W), "depth": (B, 1, H, W) for DepthNet}
+    depth = outputs["depth"].float().clamp(0, 1) if "depth" in outputs else None
+    return torch.sigmoid(outputs["mask"].float()), depth
+
+
+def predict_samples(model: torch.nn.Module, samples: Sequence[dict], device: torch.device | str = "cpu"):
+    """Run `model` on uint8 sample dicts; return (samples, mask probabilities (B,1,H,W), depth (B,1,H,W) or None) on the CPU."""
+    bg, bg_fg = (torch.stack([s[key] for s in samples]) for key in ("bg", "bg_fg"))  # (B, 3, H, W) uint8
+    probs, depth = predict_images(model, bg, bg_fg, device)
+    return list(samples), probs.cpu(), depth.cpu() if depth is not None else None
+
+
 def predict_batch(
     model: torch.nn.Module,
     bg_rgbs: Sequence[np.ndarray],
@@ -101,25 +108,19 @@ def predict_batch(
             f"bg and bg_fg images must all be one size, got {w1}x{h1} and {w2}x{h2}: "
             "take both photos with the same camera and size"
         )
-    param = next(model.parameters())
-    device = torch.device(device) if device is not None else param.device
     height, width = np.shape(bg_rgbs[0])[:2]
-    size_h, size_w = model_input_size(height, width, image_size, _model_multiple(model))
+    size = model_input_size(height, width, image_size, _model_multiple(model))
 
-    def batch(images, key) -> torch.Tensor:
-        return torch.cat(
-            [_normalise(_resize(np.asarray(i), size_h, size_w), key, device, param.dtype) for i in images]
-        )  # (N, 3, h, w)
+    def batch(images) -> torch.Tensor:  # HxWx3 uint8 photos -> (N, 3, h, w) uint8 at the model's size
+        return torch.from_numpy(np.stack([resize(np.asarray(i), size) for i in images])).permute(0, 3, 1, 2)
 
-    model.eval()
-    outputs = model(batch(bg_rgbs, "bg"), batch(bg_fg_rgbs, "bg_fg"))
+    probs, depth = predict_images(model, batch(bg_rgbs), batch(bg_fg_rgbs), device)
 
     def back(x: torch.Tensor) -> np.ndarray:  # (N, 1, h, w) in [0, 1] -> (N, H, W) float32 at the input size
-        x = x.float().clamp(0, 1)[:, 0].cpu().numpy()
-        return np.stack([np.clip(_resize(m, height, width), 0, 1) for m in x]).astype(np.float32)
+        maps = x[:, 0].cpu().numpy()
+        return np.stack([np.clip(resize(m, (height, width)), 0, 1) for m in maps]).astype(np.float32)
 
-    mask_probs = back(torch.sigmoid(outputs["mask"].float()))
-    return mask_probs, back(outputs["depth"]) if "depth" in outputs else None
+    return back(probs), back(depth) if depth is not None else None
 
 
 def predict_pair(
@@ -160,32 +161,9 @@ def colour_depth(depth: np.ndarray) -> np.ndarray:
     """HxW depth in [0, 1] -> HxWx3 uint8 RGB through the magma colour map (brighter = farther)."""
     from matplotlib import colormaps
 
+    from .plots import DEPTH_CMAP
+
     return (colormaps[DEPTH_CMAP](np.clip(depth, 0, 1))[..., :3] * 255 + 0.5).astype(np.uint8)
-
-
-def plot_prediction(
-    bg_rgb: np.ndarray,
-    bg_fg_rgb: np.ndarray,
-    mask_prob: np.ndarray,
-    depth: np.ndarray | None = None,
-    title: str | None = None,
-):
-    """bg | bg_fg | predicted mask | predicted depth (when given), side by side; returns a Figure."""
-    import matplotlib.pyplot as plt
-
-    panels = [("bg", bg_rgb, None), ("bg_fg", bg_fg_rgb, None), ("mask probability", mask_prob, "gray")]
-    if depth is not None:
-        panels.append(("predicted depth", depth, DEPTH_CMAP))
-    aspect = bg_rgb.shape[1] / bg_rgb.shape[0]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * aspect * len(panels), 2.9), squeeze=False)
-    for ax, (name, img, cmap) in zip(axes[0], panels):
-        ax.imshow(img, cmap=cmap, vmin=0 if cmap else None, vmax=1 if cmap else None)
-        ax.set_title(name, fontsize=9)
-        ax.set_xticks([]), ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -287,6 +265,8 @@ def predict_files(
         _write_png(written[-1], colour_depth(depth))
     if figure:
         import matplotlib.pyplot as plt
+
+        from .plots import plot_prediction
 
         fig = plot_prediction(bg, bg_fg, mask_prob, depth, title=name)
         written.append(out / f"{name}_figure.png")

@@ -706,7 +706,8 @@ def write_figures(
     """curves.png and predictions.png for a run folder."""
     import matplotlib.pyplot as plt
 
-    from .plots import plot_curves, plot_predictions, predict_samples
+    from .plots import plot_curves, plot_predictions
+    from .predict import predict_samples
 
     fig = plot_curves(history)
     fig.savefig(out / "curves.png", dpi=110, bbox_inches="tight")

@@ -13,65 +13,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .plots import DEPTH_CMAP, _image, predict_samples
+from .plots import plot_browser_sample
+from .predict import predict_samples
 
-OVERLAY_RGBA = (1.0, 0.15, 0.1, 0.45)  # predicted mask drawn over bg_fg: translucent red
-TRUE_EDGE = "cyan"  # outline of the true mask on the overlay
-ERROR_CMAP = "inferno"
-DEPTH_ERROR_MAX = 0.25  # top of the depth error colour scale (depth in [0, 1]); most errors are well below 1
 CACHE_SIZE = 64  # predictions kept per browser (one sample each)
-
-
-def plot_browser_sample(
-    sample: dict,
-    mask_prob: torch.Tensor,
-    depth: torch.Tensor | None = None,
-    overlay: bool = True,
-    error_map: bool = False,
-) -> Figure:
-    """One sample in a row: bg_fg (predicted mask overlaid), true | predicted mask, true | predicted depth, error map.
-
-    `sample` holds uint8 CHW tensors (mask 0/1); `mask_prob` (1, H, W) in [0, 1]; `depth` (1, H, W) in [0, 1] or None
-    (MaskNet). The error map is |predicted - true| depth, or |probability - true| mask without depth.
-    """
-    true_mask = sample["mask"].float()  # (1, H, W) in {0, 1}
-    hit = (mask_prob >= 0.5).float()
-    union = float(((hit + true_mask) > 0).sum())
-    iou = float((hit * true_mask).sum()) / union if union else 1.0
-    panels = [
-        ("bg_fg + predicted mask" if overlay else "bg_fg", sample["bg_fg"], None, 1.0),
-        ("true mask", true_mask, "gray", 1.0),
-        (f"predicted mask (IoU {iou:.2f})", mask_prob, "gray", 1.0),
-    ]
-    if depth is not None:
-        true_depth = sample["depth"].float() / 255.0  # (1, H, W) in [0, 1]
-        rmse = float(((depth - true_depth) ** 2).mean().sqrt())
-        panels += [
-            ("true depth", true_depth, DEPTH_CMAP, 1.0),
-            (f"predicted depth (RMSE {rmse:.3f})", depth, DEPTH_CMAP, 1.0),
-        ]
-        if error_map:
-            panels.append(("depth error |pred - true|", (depth - true_depth).abs(), ERROR_CMAP, DEPTH_ERROR_MAX))
-    elif error_map:
-        panels.append(("mask error |prob - true|", (mask_prob - true_mask).abs(), ERROR_CMAP, 1.0))
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.6), squeeze=False)
-    for ax, (title, img, cmap, vmax) in zip(axes[0], panels):
-        shown = ax.imshow(_image(img), cmap=cmap, vmin=0, vmax=vmax)
-        ax.set_title(title, fontsize=8)
-        ax.set_xticks([]), ax.set_yticks([])
-    if error_map:
-        fig.colorbar(shown, ax=axes[0, -1], fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
-    if overlay:
-        ax = axes[0, 0]
-        layer = np.zeros((*hit.shape[-2:], 4), dtype=np.float32)  # (H, W, RGBA)
-        layer[hit[0].numpy() > 0] = OVERLAY_RGBA
-        ax.imshow(layer)
-        if true_mask.any():
-            ax.contour(true_mask[0].numpy(), levels=[0.5], colors=TRUE_EDGE, linewidths=0.8)
-    fig.suptitle(sample.get("name", ""), fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 def pick_samples(dataset, count: int, seed: int = 0) -> list[dict]:

@@ -15,8 +15,7 @@ import torch
 
 from lib.errors import UserError
 from lib.models import make_model
-from lib.plots import predict_samples
-from lib.predict import find_pairs, main, model_input_size, predict_pair
+from lib.predict import find_pairs, main, model_input_size, predict_pair, predict_samples
 from lib.train import CHECKPOINT_FORMAT, Config, load_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ import torch
 
 from lib.data import ModestDataset
 from lib.models import make_model
-from lib.widgets import Browser, make_browser, make_metrics_table, plot_browser_sample
+from lib.plots import plot_browser_sample
+from lib.widgets import Browser, make_browser, make_metrics_table
 
 
 @pytest.fixture(scope="module")

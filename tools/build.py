@@ -44,10 +44,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lib.data import resize
 from lib.errors import UserError
+from lib.predict import IMAGE_EXTENSIONS
 from lib.synthetic import encode_jpeg, encode_png, fg_height, paste_figure
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 ALPHA_EXTENSIONS = (".png", ".webp", ".tif", ".tiff")
 IGNORED_FILES = {"thumbs.db", "desktop.ini"}
 PLACEHOLDER_DEPTH = 128
@@ -104,7 +105,7 @@ def load_background(path: Path, size: int) -> np.ndarray:
         )
     top, left = (height - side) // 2, (width - side) // 2
     square = img[top : top + side, left : left + side]
-    return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA) if side != size else square.copy()
+    return resize(square, size) if side != size else square.copy()
 
 
 def load_cutout(path: Path, size: int) -> np.ndarray:
@@ -138,8 +139,7 @@ def _resize_rgba(rgba: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize straight-alpha RGBA through premultiplied colour (no dark fringes at the edges)."""
     alpha = rgba[..., 3:].astype(np.float32) / 255.0
     premult = np.concatenate([rgba[..., :3].astype(np.float32) * alpha, rgba[..., 3:].astype(np.float32)], axis=2)
-    shrink = height * width < rgba.shape[0] * rgba.shape[1]
-    small = cv2.resize(premult, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    small = resize(premult, (height, width))
     a = small[..., 3:]
     rgb = np.where(a > 0, small[..., :3] * 255.0 / np.maximum(a, 1e-6), 0)
     out = np.concatenate([rgb, a], axis=2)
