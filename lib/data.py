@@ -698,6 +698,9 @@ def make_loader(
     if ahead is not None and ahead < 0:
         raise UserError(f"ahead must be 0 or more batches, not {ahead}")
     wanted = data_mode == "gpu" or bool(ahead) or decode not in ("auto", "cpu")
+    batching = dict(
+        batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last, workers=workers, loader=loader
+    )
     if wanted or device.type == "cuda":
         try:
             from . import fastpath
@@ -707,30 +710,15 @@ def make_loader(
         else:
             return fastpath.make_fast_loader(
                 dataset,
-                batch_size=batch_size,
-                shuffle=shuffle,
-                workers=workers,
                 device=device,
                 skip_bad_samples=skip_bad_samples,
-                sampler=sampler,
-                drop_last=drop_last,
-                loader=loader,
                 data_mode=data_mode,
                 decode=decode,
                 ahead=ahead,
+                **batching,
             )
     dataset.catch_errors = True
-    inner = make_batches(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        drop_last=drop_last,
-        workers=workers,
-        loader=loader,
-        collate_fn=collate_samples,
-        pin_memory=device.type == "cuda",
-    )
+    inner = make_batches(dataset, collate_fn=collate_samples, pin_memory=device.type == "cuda", **batching)
     # on the CPU the float conversion is work: spread it over the loader's threads
     in_threads = isinstance(inner, ThreadLoader) and device.type == "cpu"
     device_loader = DeviceLoader(

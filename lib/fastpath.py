@@ -148,21 +148,17 @@ class FastLoader(DeviceLoader):
 
     def __init__(
         self,
-        loader,
-        device: torch.device | str,
-        skip_bad_samples: bool = False,
-        *,
-        dataset: ModestDataset | None = None,
-        prepared_in_loader: bool = False,
+        *args,
         backgrounds: torch.Tensor | None = None,
         bg_shapes: np.ndarray | None = None,
         augment: bool = False,
         decode_on_device: bool = False,
         ahead: int = 0,
+        **plain,
     ):
         if ahead < 0:
             raise UserError(f"ahead must be 0 or more batches, not {ahead}")
-        super().__init__(loader, device, skip_bad_samples, dataset=dataset, prepared_in_loader=prepared_in_loader)
+        super().__init__(*args, **plain)  # loader, device, skip_bad_samples, dataset, prepared_in_loader
         self.ahead = ahead  # batches a background thread prepares on the device while the model trains (0: inline)
         self.backgrounds = backgrounds.to(self.device) if backgrounds is not None else None  # (n_bg, 3, H, W) uint8
         self.bg_shapes = bg_shapes  # (n_bg, 2) original sizes of the backgrounds
@@ -394,20 +390,16 @@ def resolve_decode(decode: str, device: torch.device, dataset: ModestDataset) ->
 def make_fast_loader(
     dataset: ModestDataset,
     *,
-    batch_size: int,
-    shuffle: bool,
-    workers: int,
     device: torch.device,
     skip_bad_samples: bool = False,
-    sampler=None,
-    drop_last: bool = False,
-    loader: str = "auto",
     data_mode: str = "auto",
     decode: str = "auto",
     ahead: int | None = None,
+    **batching,
 ) -> FastLoader:
-    """make_loader's fast path (its arguments, checked there): GPU mode when data_mode is "gpu", or "auto" on CUDA;
-    decode: where GPU mode decodes JPEGs, "device" (batched nvJPEG), "cpu", "auto" (see `resolve_decode`);
+    """make_loader's fast path (its arguments, checked there; `batching` goes to make_batches).
+
+    GPU mode when data_mode is "gpu", or "auto" on CUDA; decode: where GPU mode decodes JPEGs, "device" (batched nvJPEG), "cpu", "auto" (see `resolve_decode`);
     ahead: batches prepared on the device by a background thread while the model trains (None: 2 on CUDA, else 0)."""
     if decode not in DECODES:
         raise UserError(f"decode must be one of {', '.join(DECODES)}, not {decode!r}")
@@ -419,17 +411,9 @@ def make_fast_loader(
         gpu = False
     encoded = gpu and resolve_decode(decode, device, dataset)
     dataset.catch_errors = True
-    inner = make_batches(
-        DeviceSamples(dataset, encoded, bg_shapes, bg_errors) if gpu else dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        drop_last=drop_last,
-        workers=workers,
-        loader=loader,
-        collate_fn=collate_device_samples if gpu else collate_samples,
-        pin_memory=device.type == "cuda" and not encoded,
-    )
+    source = DeviceSamples(dataset, encoded, bg_shapes, bg_errors) if gpu else dataset
+    collate_fn = collate_device_samples if gpu else collate_samples
+    inner = make_batches(source, collate_fn=collate_fn, pin_memory=device.type == "cuda" and not encoded, **batching)
     in_threads = isinstance(inner, ThreadLoader) and device.type == "cpu" and not gpu
     fast = FastLoader(
         inner,
