@@ -478,7 +478,7 @@ class ThreadLoader:
         prefetch: int | None = None,
         collate_fn: Callable[[list[dict]], dict] = collate_samples,
         pin_memory: bool = False,
-        prepare: Callable[[dict], dict] | None = None,
+        to_device: Callable[[dict], dict] | None = None,
     ):
         if num_workers < 1:
             raise UserError(f"ThreadLoader needs at least one worker thread, not {num_workers}")
@@ -491,7 +491,7 @@ class ThreadLoader:
         self.num_workers = num_workers
         self.prefetch = prefetch if prefetch is not None else num_workers + 2  # batches queued or in the making
         self.collate_fn, self.pin_memory = collate_fn, pin_memory
-        self.prepare = prepare  # applied to each batch in its thread (on the CPU, the float conversion goes here)
+        self.to_device = to_device  # applied to each batch in its thread (on the CPU, the float conversion goes here)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -523,7 +523,7 @@ class ThreadLoader:
         batch = self.collate_fn([dataset[i] for i in indices])
         if self.pin_memory:
             batch = _pin(batch)
-        return self.prepare(batch) if self.prepare is not None else batch
+        return self.to_device(batch) if self.to_device is not None else batch
 
 
 def _thread_copy(dataset):
@@ -725,7 +725,7 @@ def make_loader(
         inner, device, skip_bad_samples=skip_bad_samples, dataset=dataset, prepared_in_loader=in_threads
     )
     if in_threads:
-        inner.prepare = device_loader.to_device
+        inner.to_device = device_loader.to_device
     return device_loader
 
 

@@ -181,7 +181,7 @@ class FastLoader(DeviceLoader):
 
     def _batches(self) -> Iterator[dict]:
         """The inline batches, or the same made `self.ahead` ahead by a background thread."""
-        return self._prepare_ahead() if self.ahead else super()._batches()
+        return self._batches_ahead() if self.ahead else super()._batches()
 
     def to_device(self, batch: dict) -> dict:
         """A loader batch made ready for the step: GPU mode's JPEG bytes decoded, on the device, augmented and
@@ -195,7 +195,7 @@ class FastLoader(DeviceLoader):
             out.update(self._gpu_mode_to_device(batch))
         return out
 
-    def _prepare_ahead(self) -> Iterator[dict]:
+    def _batches_ahead(self) -> Iterator[dict]:
         """`to_device`'s batches from a background thread, up to `self.ahead` ahead, in the loader's order.
 
         On CUDA the thread works on its own stream and each batch carries an event that the consumer's stream
@@ -206,6 +206,7 @@ class FastLoader(DeviceLoader):
         ready: queue.Queue = queue.Queue(self.ahead)
         stop = threading.Event()
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        batches = super()._batches()  # the inline stream: made, batch by batch, in the thread below
 
         def hand_over(item: tuple) -> bool:
             while not stop.is_set():
@@ -217,7 +218,6 @@ class FastLoader(DeviceLoader):
             return False
 
         def work() -> None:
-            batches = super()._batches()  # the inline stream, made here
             try:
                 with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                     for batch in batches:
@@ -428,5 +428,5 @@ def make_fast_loader(
         ahead=(2 if device.type == "cuda" else 0) if ahead is None else ahead,
     )
     if in_threads:  # on the CPU the float conversion is work: spread it over the loader's threads
-        inner.prepare = fast.to_device
+        inner.to_device = fast.to_device
     return fast
