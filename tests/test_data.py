@@ -449,6 +449,7 @@ def test_missing_albumentations_is_reported_only_when_the_cpu_pipeline_runs(monk
         augment.apply_augment(aug, *(np.zeros((4, 4, 3), np.uint8),) * 2, *(np.zeros((4, 4), np.uint8),) * 2)
 
 
+@pytest.mark.slow
 def test_plain_path_loads_and_trains_without_the_fast_path(tiny_modest):
     """lib/fastpath.py can be deleted: with its import blocked, make_loaders serves batches and a model trains."""
     code = f"""
