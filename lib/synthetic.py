@@ -1,10 +1,21 @@
 """The procedural MODEST-format dataset: rendered rooms, people-like figures on the floor, exact masks and depth.
 
-Each background is a room (floor, walls, ceiling) seen by a pinhole camera with random height, pitch, yaw,
-field of view and room size. Every pixel is a ray; its first ray-plane hit gives the exact depth and the 3D
-point the textures are read from (tiles or planks, framed pictures, doors, ceiling lights), so perspective
-is right. Each figure is stood on a random visible floor point: its image height and position follow
-from projecting its feet and head, and its pixels take the depth of a vertical plane through its feet.
+Each background is a room (floor, walls, ceiling) with clutter standing in it (boxes, pillars, panels, plinths,
+cabinets, tables), seen by a pinhole camera with random height, pitch, yaw, field of view and room size. Every
+pixel is a ray; its first hit with a plane or a box gives the exact depth and the 3D point the surface's look is
+read from, so perspective is right. About a third of the rooms are galleries (tiles or planks, framed pictures,
+doors, ceiling lights); the rest wear textures with the statistics of photographs on every surface: 1/f colour
+noise, stripes, camouflage-like blobs, dead leaves (overlapping shapes), tiles, near-plain colours, each at
+several scales. Lighting varies from flat to contrasty (lamps, a window's directional light), with colour casts;
+some rooms are dark, some bright, some low-texture.
+
+Figures: people of varied build and pose (arms down, out, raised, waving; legs apart; side-on), with skirts,
+dresses, coats, bags and hats, their clothes textured from the same distribution as the rooms; optionally
+(`objects=`) generic cut-outs instead (blobs, polygons, furniture-like silhouettes). Each is stood on a random
+visible floor point, clear of the clutter: its image height and position follow from projecting its feet and
+head, and its pixels take the depth of a vertical plane through its feet. Some figures are cut by the frame's
+edge (bg_fg_mask is the visible part); in some samples the clothes are re-dressed in a patch of the same room
+(camouflage: only the comparison with bg tells the figure apart).
 
 Depth convention: z-depth in metres (distance along the camera's optical axis, as in most depth maps),
 stored as 8-bit grayscale JPEG with 0 m -> 0 and `MAX_DEPTH` m -> 255 (brighter = farther, as in MODEST).
@@ -12,7 +23,8 @@ A figure is a flat vertical plane facing the camera, so its depth is its feet's 
 with the camera pitched down, up to ~0.5 m nearer at the head (exact per pixel; no body roundness).
 
 Layout and numbering follow MODEST: per (bg, fg) pair, placements 01..P at random standing points, then
-P+1..2P the same figure mirrored at the same points. Masks are the cut-out's alpha >= 128 (0/255).
+P+1..2P the same figure mirrored at P other random points (so no sample's mirror twin stands in its place).
+Masks are the cut-out's alpha >= 128 (0/255); bbox.txt holds the visible part of each pasted box.
 Every room, figure and pair draws from its own numpy Generator seeded by (seed, kind, index), and workers
 (a Pool over (bg, fg) pairs, each process rendering a room once) return bytes that the parent writes in a
 fixed order, so the output is byte-identical whatever the worker count. A folder is written into
@@ -375,7 +387,10 @@ def _make_look(rng, dims, n) -> dict:
     look["vignette"] = rng.uniform(0.0, 0.3)
     look["noise"] = rng.uniform(0.5, 4) / 255
     look["mottle"] = rng.normal(0, rng.uniform(0.01, 0.05), (5, 5))
-    look["gain"] = float(np.clip(np.exp(rng.normal(0, 0.5)), 0.25, 2.5))  # some rooms dark, some bright
+    mood = rng.random()  # exposure after auto-exposure: some rooms dark, some bright
+    look["gain"] = float(
+        rng.uniform(0.03, 0.15) if mood < 0.15 else rng.uniform(1.8, 3.5) if mood < 0.3 else np.exp(rng.normal(0, 0.4))
+    )
     look["light_color"] = look["light_color"] * np.exp(rng.normal(0, 0.1, 3))  # a colour cast
     _make_room_textures(rng, look, n)
     return look
@@ -1276,10 +1291,13 @@ def place_figures(rng, room: Room, height_m, aspect, count, tries=10000, edge=No
     edge = EDGE_FRACTION if edge is None else edge
     floor = np.flatnonzero(room.surface.ravel() == FLOOR)
     margin = aspect * height_m / 2 + 0.1  # the figure's half-width plus a little, metres
-    h_min = _min_figure_height(size)
+    # short objects may be smaller; after half the tries, accept smaller figures rather than fail
+    h_min = max(6, round(_min_figure_height(size) * min(1.0, height_m / FIGURE_HEIGHT_M[0])))
     placements: list[Placement] = []
     cut_ok = rng.random() < edge
-    for _ in range(tries):
+    for attempt in range(tries):
+        if attempt == tries // 2:
+            h_min = max(4, h_min // 2)
         if len(placements) == count:
             return placements
         i = floor[rng.integers(len(floor))]

@@ -385,3 +385,92 @@ def test_figures_are_exact_height_deterministic_cutouts():
     assert 0.2 < (alpha >= 128).mean() < 0.8 and set(np.unique(alpha)) > {0, 255}
     assert np.array_equal(make_figure(np.random.default_rng(5), 108), fig)
     assert not np.array_equal(make_figure(np.random.default_rng(6), 108)[..., 3], alpha)
+
+
+def test_jpegs_are_written_without_simplejpeg(monkeypatch, tmp_path):
+    """simplejpeg is optional: OpenCV's encoder writes the same kind of file (RGB 3-channel, masks 1-channel)."""
+    rng = np.random.default_rng(0)
+    rgb = cv2.GaussianBlur(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), (9, 9), 3)
+    gray = cv2.GaussianBlur(rng.integers(0, 256, (40, 48), dtype=np.uint8), (9, 9), 3)
+    monkeypatch.setattr(synthetic, "simplejpeg", None)
+    for img, channels in ((rgb, 3), (gray, 1)):
+        data = synthetic.encode_jpeg(img)
+        assert data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
+        back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert back.shape == img.shape and (back.ndim == 2) == (channels == 1)
+        if channels == 3:
+            back = cv2.cvtColor(back, cv2.COLOR_BGR2RGB)  # OpenCV decodes to BGR: the file itself is RGB
+        assert np.abs(back.astype(int) - img).mean() < 3
+    out = make_synthetic_dataset(
+        tmp_path / "ds", size=32, backgrounds=1, foregrounds=1, placements=1, workers=1, progress=False
+    )
+    for path in out.rglob("*.jpeg"):
+        assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED) is not None, path
+
+
+def test_objects_replace_people_by_the_flag(tmp_path):
+    args = dict(size=32, backgrounds=1, foregrounds=3, placements=1, workers=1, progress=False)
+    people = make_synthetic_dataset(tmp_path / "people", **args)
+    things = make_synthetic_dataset(tmp_path / "things", objects=1.0, **args)
+    assert json.loads((things / "dataset.json").read_text())["objects"] == 1.0
+    assert json.loads((people / "dataset.json").read_text())["objects"] == 0.0
+    for f in (1, 2, 3):
+        assert (people / "fg" / f"fg00{f}.png").read_bytes() != (things / "fg" / f"fg00{f}.png").read_bytes()
+    assert len(list((things / "bg_fg").iterdir())) == 6
+    with pytest.raises(UserError, match="objects"):
+        make_synthetic_dataset(tmp_path / "bad", objects=1.5, **args)
+    obj = synthetic.make_object(np.random.default_rng(4), 48)
+    assert obj.shape[0] == 48 and obj.shape[2] == 4 and obj[-1, :, 3].max() > 0  # stands on its lowest row
+    from data_download import parse_args
+
+    assert parse_args(["synthetic", "--out", "x", "--objects", "0.25"]).objects == 0.25
+    assert parse_args(["synthetic", "--out", "x"]).objects == 0.0
+
+
+def test_fractal_noise_has_the_power_spectrum_of_photographs():
+    """Power falls as 1/f^beta (photographs: beta ~ 2): the fitted log-log slope is -beta."""
+    for beta in (1.5, 2.0, 3.0):
+        noise = synthetic._fractal_noise(np.random.default_rng(0), 128, beta)
+        power = np.abs(np.fft.fft2(noise)) ** 2
+        f = np.hypot(*np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(128)))
+        bands = np.geomspace(2 / 128, 0.45, 12)
+        mids = np.sqrt(bands[:-1] * bands[1:])
+        means = [power[(f >= lo) & (f < hi)].mean() for lo, hi in zip(bands, bands[1:])]
+        slope = np.polyfit(np.log(mids), np.log(means), 1)[0]
+        assert slope == pytest.approx(-beta, abs=0.3), (beta, slope)
+
+
+def test_textures_are_periodic_tiles_of_every_kind():
+    for i, kind in enumerate(synthetic._TEXTURE_KINDS):
+        tile = synthetic.make_texture(np.random.default_rng(i), kind, 64)
+        assert tile.shape == (64, 64, 3) and tile.dtype == np.float32 and 0 <= tile.min() and tile.max() <= 1
+        inner = np.abs(np.diff(tile, axis=1)).mean()  # neighbour differences inside the tile ...
+        seam = np.abs(tile[:, 0] - tile[:, -1]).mean()  # ... and across the wrap-around seam
+        assert seam <= 3 * inner + 0.02, kind
+
+
+def test_rooms_vary_beyond_the_museum():
+    """Rooms differ in kind, brightness and texture: a share are galleries, some dark, some bright, some plain."""
+    rooms = [synthetic.make_room(synthetic._make_rng(5, 0, i), 48) for i in range(24)]
+    museums = sum(r.look["museum"] for r in rooms)
+    assert 2 <= museums <= 14
+    brightness = [r.rgb.mean() for r in rooms]
+    assert min(brightness) < 70 and max(brightness) > 140, brightness
+    assert sum(len(r.boxes) > 0 for r in rooms) >= 8
+    detail = [np.abs(np.diff(r.rgb.astype(float), axis=1)).mean() for r in rooms]
+    assert max(detail) > 3 * min(detail), detail  # low-texture rooms next to busy ones
+
+
+def test_camouflage_dresses_the_clothes_in_the_room():
+    room = synthetic.make_room(synthetic._make_rng(0, 0, 3), 64)
+    rgba = np.zeros((20, 10, 4), np.uint8)
+    rgba[..., 0], rgba[..., 2], rgba[..., 3] = 255, 255, 255  # magenta: in no room
+    extra = np.zeros((20, 10, 2), np.uint8)
+    extra[..., 0] = 100  # constant shading
+    assert np.array_equal(synthetic._camouflage(np.random.default_rng(0), room, rgba, extra), rgba)  # no clothes
+    extra[:, :5, 1] = 255  # the left half is clothes
+    out = synthetic._camouflage(np.random.default_rng(0), room, rgba, extra)
+    assert np.array_equal(out[:, 5:], rgba[:, 5:]) and np.array_equal(out[..., 3], rgba[..., 3])
+    dressed = out[:, :5, :3].reshape(-1, 3).astype(int)
+    lo, hi = room.rgb.reshape(-1, 3).min(0), room.rgb.reshape(-1, 3).max(0)
+    assert np.all(dressed >= lo - 1) and np.all(dressed <= hi + 1)  # colours from the room, not magenta
