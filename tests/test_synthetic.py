@@ -472,5 +472,5 @@ def test_camouflage_dresses_the_clothes_in_the_room():
     out = synthetic._camouflage(np.random.default_rng(0), room, rgba, extra)
     assert np.array_equal(out[:, 5:], rgba[:, 5:]) and np.array_equal(out[..., 3], rgba[..., 3])
     dressed = out[:, :5, :3].reshape(-1, 3).astype(int)
-    lo, hi = room.rgb.reshape(-1, 3).min(0), room.rgb.reshape(-1, 3).max(0)
+    lo, hi = room.rgb.reshape(-1, 3).min(0).astype(int), room.rgb.reshape(-1, 3).max(0).astype(int)
     assert np.all(dressed >= lo - 1) and np.all(dressed <= hi + 1)  # colours from the room, not magenta
