@@ -1321,8 +1321,8 @@ def place_figures(rng, room: Room, height_m, aspect, count, tries=10000, edge=No
         p = Placement(x, y, w, h, feet)
         x0, y0, x1, y1 = _visible_box(p, size)
         inside = x >= 0 and y >= 0 and x + w <= size and y + h <= size
-        if inside:
-            ok = h >= h_min
+        if inside:  # a slot allowed to be cut mostly waits for a cut figure (they are rarer)
+            ok = h >= h_min and not (cut_ok and rng.random() < 0.8)
         else:
             ok = cut_ok and y + h <= size and 2 * (x1 - x0) >= w and 2 * (y1 - y0) >= h and y1 - y0 >= h_min
         if ok and room.boxes:  # hidden behind clutter: something nearer than the figure inside its box
