@@ -498,8 +498,8 @@ def _hash(table, *ints) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 
 _TEX = 128  # texels per side of a texture tile (periodic, so it repeats without seams)
-_TEXTURE_KINDS = ("noise", "stripes", "blobs", "leaves", "grid", "plain")
-_TEXTURE_P = (0.26, 0.14, 0.16, 0.2, 0.1, 0.14)
+_TEXTURE_KINDS = ("noise", "stripes", "blobs", "leaves", "grid", "plain", "mix")
+_TEXTURE_P = (0.22, 0.12, 0.14, 0.18, 0.09, 0.13, 0.12)
 
 
 def _fractal_noise(rng, n, beta) -> np.ndarray:
@@ -539,7 +539,8 @@ def _ramp(values, palette) -> np.ndarray:
 
 def make_texture(rng, kind=None, n=_TEX) -> np.ndarray:
     """A random periodic texture tile (n, n, 3) float32 sRGB in [0, 1]: 1/f colour noise, stripes, blobs,
-    dead leaves (overlapping shapes, the classic model of photo statistics), tiles or a near-plain colour."""
+    dead leaves (overlapping shapes, the classic model of photo statistics), tiles, a near-plain colour, or a
+    mix of two of these across soft blob edges or hard straight ones."""
     kind = kind or _TEXTURE_KINDS[rng.choice(len(_TEXTURE_KINDS), p=_TEXTURE_P)]
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
     if kind == "noise":
@@ -583,6 +584,17 @@ def make_texture(rng, kind=None, n=_TEX) -> np.ndarray:
         fx, fy = np.mod(xx * cells, 1), np.mod(yy * cells, 1)
         line = (np.minimum(np.minimum(fx, 1 - fx), np.minimum(fy, 1 - fy)) < rng.uniform(0.01, 0.08))[..., None]
         img = np.where(line, _natural_color(rng), img)
+    elif kind == "mix":  # two textures, split by blob outlines or by straight (periodic) edges
+        first, second = (make_texture(rng, _TEXTURE_KINDS[rng.integers(6)], n) for _ in range(2))
+        if rng.random() < 0.5:
+            split = _fractal_noise(rng, n, rng.uniform(2.5, 4.0)) * rng.uniform(2, 20)
+        else:
+            split = np.sin(
+                2 * np.pi * (int(rng.integers(0, 3)) * xx + int(rng.integers(1, 4)) * yy) + rng.uniform(0, 6.3)
+            )
+            split = split * 50
+        w = np.clip(split + 0.5, 0, 1)[..., None]
+        img = first * w + second * (1 - w)
     else:  # near-plain: the low-texture surfaces of real rooms
         img = np.broadcast_to(_natural_color(rng), (n, n, 3)).copy()
     # texture at several scales: a slow 1/f modulation of brightness over the whole tile
