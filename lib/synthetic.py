@@ -981,8 +981,9 @@ class _Canvas:
         cv2.fillPoly(inside, [np.round(np.stack([cols, rows], 1) * 16).astype(np.int32)], 1, shift=4)
         self._fill(sl, x, y, inside.astype(bool), np.zeros_like(x), np.zeros_like(x), color)
 
-    def to_rgba(self, height) -> np.ndarray:
-        """Average down to `height` rows, crop to the drawn columns: straight-alpha RGBA + shade/2 + clothes, uint8."""
+    def to_rgba(self, height) -> tuple[np.ndarray, float]:
+        """Average down to `height` rows, crop to the drawn columns: (straight-alpha RGBA + shade/2 + clothes,
+        uint8; where x = 0 (the feet's line) falls, as a fraction of the width)."""
         a = self.cover.astype(np.float32)[..., None]
         extra = np.stack([self.shade / 2, self.cloth], axis=-1)
         premult = np.concatenate([self.rgb * a, a, extra * a], axis=2)
@@ -993,7 +994,8 @@ class _Canvas:
         small, alpha = small[:, cols[0] : cols[-1] + 1], alpha[:, cols[0] : cols[-1] + 1]
         straight = small / np.maximum(alpha, 1e-6)[..., None]
         straight[..., 3] = alpha
-        return np.clip(np.rint(np.clip(straight, 0, 1) * 255), 0, 255).astype(np.uint8)
+        anchor = (self.half_width * self.px * w / self.rgb.shape[1] - cols[0]) / len(cols)
+        return np.clip(np.rint(np.clip(straight, 0, 1) * 255), 0, 255).astype(np.uint8), float(anchor)
 
 
 def _resize_area(img, width, height) -> np.ndarray:
@@ -1037,10 +1039,11 @@ def _arm_angles(rng, pose) -> tuple[float, float]:
     return a1, a1 + rng.uniform(0, 30)
 
 
-def _draw_figure(rng, height) -> tuple[np.ndarray, float]:
+def _draw_figure(rng, height) -> tuple[np.ndarray, float, float]:
     """Draw one person-like figure `height` pixels tall (raised hands and hats included).
 
-    Returns ((h, w, 6) uint8: straight-alpha RGBA, shade/2, clothes; the body's height / the drawn height).
+    Returns ((h, w, 6) uint8: straight-alpha RGBA, shade/2, clothes; the body's height / the drawn height;
+    where the feet's line falls across the width, 0..1: an arm held out moves it off the middle).
     """
     scale = max(2, int(math.ceil(640 / height)))
     light = np.array([rng.uniform(-0.6, 0.6), -0.45, 0.75])
@@ -1160,14 +1163,16 @@ def _draw_figure(rng, height) -> tuple[np.ndarray, float]:
     if hat:
         canvas.trapezoid(-hat, head_ry * 0.5, head_rx * 0.9, head_rx * 1.05, bag, round_top=head_rx * 0.3)
         canvas.limb((-head_rx * 1.5, head_ry * 0.45), (head_rx * 1.5, head_ry * 0.45), 0.01, 0.01, bag)
-    return canvas.to_rgba(height), 1 / (1 - top_y)
+    rgba, anchor = canvas.to_rgba(height)
+    return rgba, 1 / (1 - top_y), anchor
 
 
-def _draw_object(rng, height) -> np.ndarray:
+def _draw_object(rng, height) -> tuple[np.ndarray, float]:
     """Draw one generic cut-out (not a person) `height` pixels tall, standing on its lowest row.
 
     Blobs, polygons and furniture-like silhouettes (chair, table, lamp, plant), textured like everything else.
-    Returns (h, w, 6) uint8: straight-alpha RGBA, shade/2, clothes (= all of it: camouflage may re-dress it).
+    Returns ((h, w, 6) uint8: straight-alpha RGBA, shade/2, clothes (= all of it: camouflage may re-dress it);
+    where its base's centre line falls across the width, 0..1).
     """
     scale = max(2, int(math.ceil(640 / height)))
     light = np.array([rng.uniform(-0.6, 0.6), -0.45, 0.75])
@@ -1210,12 +1215,12 @@ def _draw_object(rng, height) -> np.ndarray:
             length = rng.uniform(0.3, 1 - pot)
             tip = (math.sin(ang) * length * 0.6, 1 - pot - math.cos(ang) * length)
             canvas.limb((0, 1 - pot), (tip[0], max(tip[1], 0.02)), 0.03, 0.01, a)
-    out = canvas.to_rgba(height)
+    out, anchor = canvas.to_rgba(height)
     rows = np.nonzero(out[..., 3].max(1) > 0)[0]  # stand it on its lowest drawn row
     out = np.roll(out, height - 1 - rows[-1], axis=0)
     out[..., 4] = np.where(out[..., 3] > 0, out[..., 4], 0)
     out[..., 5] = np.where(out[..., 3] > 0, 255, 0)
-    return out
+    return out, anchor
 
 
 def make_figure(rng, height) -> np.ndarray:
@@ -1229,7 +1234,7 @@ def make_object(rng, height) -> np.ndarray:
     """A random generic cut-out (blob, polygon, furniture-like) `height` pixels tall: (h, w, 4) uint8 RGBA."""
     if height < 8:
         raise ValueError(f"object height must be >= 8 pixels, got {height}")
-    return _draw_object(rng, int(height))[..., :4]
+    return _draw_object(rng, int(height))[0][..., :4]
 
 
 def paste_figure(bg_rgb, fg_rgba, x, y, flip=False, clip=False) -> tuple[np.ndarray, np.ndarray]:
@@ -1290,9 +1295,10 @@ def _visible_box(p: Placement, size) -> tuple[int, int, int, int]:
     return max(p.x, 0), max(p.y, 0), min(p.x + p.w, size), min(p.y + p.h, size)
 
 
-def place_figures(rng, room: Room, height_m, aspect, count, tries=10000, edge=None) -> list[Placement]:
+def place_figures(rng, room: Room, height_m, aspect, count, tries=10000, edge=None, anchor=0.5) -> list[Placement]:
     """Stand a figure (real height `height_m`, width/height `aspect`) on `count` random visible floor points.
 
+    The feet's line is at `anchor` (a fraction of the box's width from its left side).
     Points are drawn uniformly over the floor's pixels and kept when the figure stays clear of the walls and
     the clutter, is not hidden behind clutter, and is at least `_min_figure_height` pixels tall. It lies fully
     inside the image, except that a share `edge` (default EDGE_FRACTION) of the placements may be cut by the
@@ -1329,7 +1335,7 @@ def place_figures(rng, room: Room, height_m, aspect, count, tries=10000, edge=No
         (u_f, u_h), (v_f, v_h), _ = cam.project(np.stack([feet, feet + (0, height_m, 0)]))
         h = int(round(v_f - v_h))
         w = max(1, int(round(h * aspect)))
-        x, y = int(round((u_f + u_h) / 2 - w / 2)), int(round(v_f)) - h
+        x, y = int(round((u_f + u_h) / 2 - anchor * w)), int(round(v_f)) - h
         p = Placement(x, y, w, h, feet)
         x0, y0, x1, y1 = _visible_box(p, size)
         inside = x >= 0 and y >= 0 and x + w <= size and y + h <= size
@@ -1461,16 +1467,16 @@ def _make_fg(args) -> tuple[dict, bytes, bytes]:
     rng = _make_rng(seed, 1, f)
     if _make_rng(seed, 3, f).random() < objects:
         height_m = float(rng.uniform(*OBJECT_HEIGHT_M))
-        drawn = _draw_object(rng, size)
+        drawn, anchor = _draw_object(rng, size)
     else:
         height_m = float(rng.uniform(*FIGURE_HEIGHT_M))
-        drawn, body_share = _draw_figure(rng, size)
+        drawn, body_share, anchor = _draw_figure(rng, size)
         height_m /= body_share  # raised hands or a hat make the box taller than the body
     master = _premultiply(drawn)
     h = fg_height(size)
     cutout = _resize_figure(master, h, max(1, round(h * drawn.shape[1] / drawn.shape[0])))[..., :4]
     mask = np.where(cutout[..., 3] >= 128, 255, 0).astype(np.uint8)
-    fig = {"master": master, "height_m": height_m, "aspect": drawn.shape[1] / drawn.shape[0]}
+    fig = {"master": master, "height_m": height_m, "aspect": drawn.shape[1] / drawn.shape[0], "anchor": anchor}
     return fig, encode_png(cutout), encode_png(mask)
 
 
@@ -1507,7 +1513,12 @@ def _make_pair(task) -> tuple[tuple[int, int], bytes | None, list]:
     size = room.camera.size
     rng = _make_rng(_WORKER["seed"], 2, b, f)
     samples = []
-    for i, p in enumerate(place_figures(rng, room, fig["height_m"], fig["aspect"], 2 * count)):
+    places = [
+        p
+        for anchor in (fig["anchor"], 1 - fig["anchor"])  # the mirror image has its feet's line mirrored too
+        for p in place_figures(rng, room, fig["height_m"], fig["aspect"], count, anchor=anchor)
+    ]
+    for i, p in enumerate(places):
         cut = _resize_figure(fig["master"], p.h, p.w)  # (h, w, 6)
         if i >= count:
             cut = cut[:, ::-1]

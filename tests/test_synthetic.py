@@ -167,6 +167,9 @@ def test_placements_follow_the_projection():
         assert abs(v - (p.y + p.h)) <= 0.5 and abs(u - (p.x + p.w / 2)) <= 1  # the soles are on the feet's point
         assert abs(depth * p.h - 1.7 * room.camera.focal) < 0.25 * 1.7 * room.camera.focal  # h ~ f * height / z
         assert abs(synthetic._figure_depth(room.camera, p)[-1].mean() - depth) < 0.05  # feet row: their depth
+    for p in synthetic.place_figures(rng, room, 1.7, 0.6, 10, anchor=0.2):  # an arm held out to the right
+        u, v, _ = room.camera.project(p.feet)
+        assert abs(u - (p.x + 0.2 * p.w)) <= 1  # the feet's line, not the box's middle, is on the standing point
 
 
 def test_rooms_are_deeper_toward_the_horizon():
