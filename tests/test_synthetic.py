@@ -167,7 +167,7 @@ def test_placements_follow_the_projection():
         assert abs(v - (p.y + p.h)) <= 0.5 and abs(u - (p.x + p.w / 2)) <= 1  # the soles are on the feet's point
         assert abs(depth * p.h - 1.7 * room.camera.focal) < 0.25 * 1.7 * room.camera.focal  # h ~ f * height / z
         assert abs(synthetic._figure_depth(room.camera, p)[-1].mean() - depth) < 0.05  # feet row: their depth
-    for p in synthetic.place_figures(rng, room, 1.7, 0.6, 10, anchor=0.2):  # an arm held out to the right
+    for p in synthetic.place_figures(rng, room, 1.7, 0.5, 10, anchor=0.2, edge=0):  # an arm held out to the right
         u, v, _ = room.camera.project(p.feet)
         assert abs(u - (p.x + 0.2 * p.w)) <= 1  # the feet's line, not the box's middle, is on the standing point
 
@@ -479,3 +479,16 @@ def test_camouflage_dresses_the_clothes_in_the_room():
     dressed = out[:, :5, :3].reshape(-1, 3).astype(int)
     lo, hi = room.rgb.reshape(-1, 3).min(0).astype(int), room.rgb.reshape(-1, 3).max(0).astype(int)
     assert np.all(dressed >= lo - 1) and np.all(dressed <= hi + 1)  # colours from the room, not magenta
+
+
+def test_a_crowded_room_still_takes_figures():
+    """A cluttered 32 px room where a wide object found no clear spot (this raised): relaxed, but feet stay clear."""
+    room = synthetic.make_room(synthetic._make_rng(11, 0, 11), 32)
+    assert len(room.boxes) >= 4 and (room.surface == synthetic.FLOOR).mean() < 0.2
+    rng = synthetic._make_rng(11, 2, 11, 0)
+    places = [p for anchor in (0.6, 0.4) for p in synthetic.place_figures(rng, room, 1.55, 0.81, 2, anchor=anchor)]
+    assert len(places) == 4
+    for p in places:
+        fx, _, fz = p.feet
+        assert not any(b["lo"][0] <= fx <= b["hi"][0] and b["lo"][2] <= fz <= b["hi"][2] for b in room.boxes)
+        assert p.y + p.h <= 32 and p.h >= 4
