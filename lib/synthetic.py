@@ -1045,7 +1045,7 @@ def _draw_figure(rng, height) -> tuple[np.ndarray, float, float]:
     Returns ((h, w, 6) uint8: straight-alpha RGBA, shade/2, clothes; the body's height / the drawn height;
     where the feet's line falls across the width, 0..1: an arm held out moves it off the middle).
     """
-    scale = max(2, int(math.ceil(640 / height)))
+    scale = max(2, int(math.ceil(320 / height)))  # supersampling: ~320 canvas rows
     light = np.array([rng.uniform(-0.6, 0.6), -0.45, 0.75])
     skin = _jitter(rng, _SKIN[rng.integers(len(_SKIN))], 0.05)
     hair = _jitter(rng, _HAIR[rng.integers(len(_HAIR))], 0.1)
@@ -1174,7 +1174,7 @@ def _draw_object(rng, height) -> tuple[np.ndarray, float]:
     Returns ((h, w, 6) uint8: straight-alpha RGBA, shade/2, clothes (= all of it: camouflage may re-dress it);
     where its base's centre line falls across the width, 0..1).
     """
-    scale = max(2, int(math.ceil(640 / height)))
+    scale = max(2, int(math.ceil(320 / height)))  # supersampling: ~320 canvas rows
     light = np.array([rng.uniform(-0.6, 0.6), -0.45, 0.75])
     canvas = _Canvas(height, scale, half_width=0.7, light=light / np.linalg.norm(light))
     a, b = _make_cloth(rng), _make_cloth(rng)
