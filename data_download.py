@@ -1,7 +1,7 @@
 """Get data in MODEST format: make the synthetic set, download the real MODEST zip, or verify what you have.
 
     python data_download.py synthetic --out data/synthetic [--size 224] [--backgrounds 100] [--foregrounds 100]
-                                      [--placements 20] [--seed 0] [--zip] [--workers N]
+                                      [--placements 20] [--seed 0] [--objects 0] [--zip] [--workers N]
     python data_download.py modest [--out data] [--from PATH [--in-place]] [--extract] [--quick]
     python data_download.py verify PATH [--quick]
     python data_download.py build --backgrounds DIR --foregrounds DIR --out DIR [--size 224] [--placements 20]
@@ -45,6 +45,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="placements per bg/fg pair, doubled by flipping the fg (default 20 -> 40 samples a pair)",
     )
     syn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    syn.add_argument(
+        "--objects",
+        type=float,
+        default=0.0,
+        help="fraction of foregrounds that are generic cut-outs (blobs, polygons, furniture-like), not people "
+        "(default 0: people only)",
+    )
     syn.add_argument("--zip", action="store_true", help="write one zip instead of a folder")
     syn.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
@@ -111,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             foregrounds=args.foregrounds,
             placements=args.placements,
             seed=args.seed,
+            objects=args.objects,
             as_zip=args.zip,
             workers=args.workers,
             progress=progress,
