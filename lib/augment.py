@@ -244,14 +244,17 @@ class Reshoot:
         self.bg_transform.set_random_seed(seed)
         self.rng = np.random.default_rng(seed)
 
+    def _uniform(self, n: int) -> torch.Tensor:
+        """n floats in [0, 1) from this re-shoot's generator."""
+        return torch.from_numpy(self.rng.random(n)).float()
+
     def __call__(self, bg: np.ndarray, bg_fg: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         bg = self.bg_transform(image=bg)["image"]
         if self.p_shadow > 0 and self.rng.random() < self.p_shadow:
-            params = draw_shadow_params(1, lambda n: torch.from_numpy(self.rng.random(n)).float())
-            x = torch.from_numpy(np.ascontiguousarray(bg_fg)).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
-            m = torch.from_numpy(np.ascontiguousarray(mask)).reshape(1, 1, *mask.shape[:2])  # (1, 1, H, W)
-            x = cast_shadow(x, m, *params)
-            bg_fg = (x[0].permute(1, 2, 0) * 255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()  # (H, W, 3)
+            darkness, width, flatness, offset = (float(v) for v in draw_shadow_params(1, self._uniform))
+            factor = shadow_factor(mask, darkness, width, flatness, offset)  # (H, W)
+            if factor is not None:
+                bg_fg = np.clip(bg_fg * factor[..., None] + 0.5, 0, 255).astype(np.uint8)  # rounded
         return bg, bg_fg
 
 
@@ -278,6 +281,28 @@ def draw_shadow_params(batch: int, uniform) -> tuple[torch.Tensor, torch.Tensor,
         between(u[2], *SHADOW_FLATNESS),
         between(u[3], -SHADOW_OFFSET, SHADOW_OFFSET),
     )
+
+
+def shadow_factor(mask: np.ndarray, darkness: float, width: float, flatness: float, offset: float) -> np.ndarray | None:
+    """The CPU path's `cast_shadow` for one HW mask: (H, W) float32 factors to multiply bg_fg by, or None where no
+    shadow fits (numpy: small torch ops are slow in loader threads on few cores)."""
+    m = mask.reshape(mask.shape[:2]) > 0
+    height, width_px = m.shape
+    rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+    if len(rows) == 0 or rows[-1] >= height - 1:
+        return None
+    top, bottom, left, right = rows[0], rows[-1], cols[0], cols[-1]
+    ys = np.arange(height, dtype=np.float32)[:, None]
+    xs = np.arange(width_px, dtype=np.float32)[None, :]
+    feet = m & (ys >= bottom - 0.1 * (bottom - top + 1))
+    centre_x = float((feet * xs).sum() / max(feet.sum(), 1))
+    half_w = max((right - left + 1) * 0.5 * width, 1.0)
+    half_h = max(half_w * flatness, 1.0)
+    dx = (xs - (centre_x + offset * half_w)) / half_w
+    dy = (ys - bottom) / half_h
+    alpha = np.clip((1.0 - np.sqrt(dx * dx + dy * dy)) / 0.7, 0, 1)
+    alpha = alpha * alpha * (3 - 2 * alpha) * ~m
+    return (1 - darkness * alpha).astype(np.float32)
 
 
 def cast_shadow(
