@@ -171,8 +171,9 @@ TRAIN_UNTOUCHED = 0.2  # share of training samples whose bg is left as it is (pi
 TRAIN_STRENGTHS = (0.25, 0.5, 0.75, 1.0)  # fractions of `strong`, drawn uniformly for the other samples
 TRAIN_SHADOW = 0.5  # probability of a soft shadow of the person on the floor in bg_fg
 SHADOW_DARKNESS = (0.2, 0.5)  # the shadow multiplies the floor by 1 - darkness at its centre
-SHADOW_WIDTH = (0.8, 1.3)  # half-width of the shadow / half-width of the person
+SHADOW_WIDTH = (1.0, 1.6)  # half-width of the shadow / half-width of the person
 SHADOW_FLATNESS = (0.12, 0.3)  # the ellipse's half-height / half-width
+SHADOW_MIN_HALF_HEIGHT = 2.0  # px: a visible band even under a thin figure
 SHADOW_OFFSET = 0.3  # the shadow's centre moves sideways by up to this share of its half-width (the light's side)
 
 
@@ -297,9 +298,9 @@ def shadow_factor(mask: np.ndarray, darkness: float, width: float, flatness: flo
     feet = m & (ys >= bottom - 0.1 * (bottom - top + 1))
     centre_x = float((feet * xs).sum() / max(feet.sum(), 1))
     half_w = max((right - left + 1) * 0.5 * width, 1.0)
-    half_h = max(half_w * flatness, 1.0)
+    half_h = max(half_w * flatness, SHADOW_MIN_HALF_HEIGHT)
     dx = (xs - (centre_x + offset * half_w)) / half_w
-    dy = (ys - bottom) / half_h
+    dy = (ys - bottom - 0.5 * half_h) / half_h  # centred a little below the feet: on the floor, not under the shoes
     alpha = np.clip((1.0 - np.sqrt(dx * dx + dy * dy)) / 0.7, 0, 1)
     alpha = alpha * alpha * (3 - 2 * alpha) * ~m
     return (1 - darkness * alpha).astype(np.float32)
@@ -330,9 +331,9 @@ def cast_shadow(
     feet = m & (ys.view(1, -1, 1) >= (bottom - 0.1 * (bottom - top + 1)).view(-1, 1, 1))  # (B, H, W)
     centre_x = (feet * xs.view(1, 1, -1)).sum((1, 2)) / feet.sum((1, 2)).clamp_min(1)
     half_w = ((right - left + 1) * 0.5 * width.to(device)).clamp_min(1.0)
-    half_h = (half_w * flatness.to(device)).clamp_min(1.0)
+    half_h = (half_w * flatness.to(device)).clamp_min(SHADOW_MIN_HALF_HEIGHT)
     dx = (xs.view(1, 1, -1) - (centre_x + offset.to(device) * half_w).view(-1, 1, 1)) / half_w.view(-1, 1, 1)
-    dy = (ys.view(1, -1, 1) - bottom.view(-1, 1, 1)) / half_h.view(-1, 1, 1)
+    dy = (ys.view(1, -1, 1) - (bottom + 0.5 * half_h).view(-1, 1, 1)) / half_h.view(-1, 1, 1)
     r = torch.sqrt(dx * dx + dy * dy)  # (B, H, W)
     alpha = ((1.0 - r) / 0.7).clamp(0, 1)
     alpha = alpha * alpha * (3 - 2 * alpha)  # smoothstep: a soft penumbra instead of a blurred disc
