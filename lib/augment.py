@@ -424,8 +424,11 @@ def _recompress(bg: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
         if q >= 100:
             continue
         index = (quality == q).nonzero().flatten().tolist()
-        encoded = encode_jpeg([pixels[i] for i in index], quality=int(q))
-        decoded = decode_jpeg([e.cpu() for e in encoded], device=bg.device)  # the decoder reads host bytes
+        try:  # batched, on the tensors' device (torchvision >= 0.19 encodes CUDA tensors)
+            encoded = encode_jpeg([pixels[i] for i in index], quality=int(q))
+            decoded = decode_jpeg([e.cpu() for e in encoded], device=bg.device)  # the decoder reads host bytes
+        except (TypeError, RuntimeError):  # older torchvision: one image at a time, on the CPU
+            decoded = [decode_jpeg(encode_jpeg(pixels[i].cpu(), quality=int(q))).to(bg.device) for i in index]
         out[index] = torch.stack(decoded).float() / 255.0  # (n, 3, H, W)
     return out
 
