@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from .augment import apply_augment, flip_batch, jitter_batch, make_train_augment
+from .augment import Augment, apply_augment, flip_batch, jitter_batch, make_augment, reshoot_batch
 from .errors import DataError, UserError
 from .modest import FILE_MAP, FOLDERS, parse_file_map, resolve_names
 from .zipindex import ZipIndex, find_sorted
@@ -232,7 +232,11 @@ def _resize_tensor(x: torch.Tensor, size: int, mask: bool = False) -> torch.Tens
 
 class ModestDataset(Dataset):
     """MODEST-format samples as dicts of uint8 CHW tensors (views of the decoded HWC images): bg (3), bg_fg (3),
-    mask (1, 0/1), depth (1, 0..255), name."""
+    mask (1, 0/1), depth (1, 0..255), name.
+
+    reshoot: None, or a re-shoot level (train, mild, strong; see lib.augment) applied to bg alone; with
+    `reshoot_seed`, each sample's draw comes from (reshoot_seed, its row in the file map) only (evaluation).
+    """
 
     def __init__(
         self,
@@ -243,6 +247,8 @@ class ModestDataset(Dataset):
         val_fraction: float = 0.3,
         split_by: str = "sample",
         seed: int = 1,
+        reshoot: str | None = None,
+        reshoot_seed: int | None = None,
     ):
         if split not in ("all", "train", "val"):
             raise UserError(f"split must be all, train or val, not {split!r}")
@@ -269,21 +275,23 @@ class ModestDataset(Dataset):
         self.sample_names = names[:, 1]
         self.val_fraction, self.split_by, self.seed = val_fraction, split_by, seed
         self.rows = make_split(self.bg_ids, split, val_fraction, split_by, seed)
-        self.augment = make_train_augment() if augment else None
+        self.augment = make_augment(augment, reshoot, reshoot_seed)
         self.catch_errors = False  # set by the loaders: errors travel back as records, raised in the main process
         self._bg_cache: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
         self._bg_cache_pid = os.getpid()
         self.bg_shapes: np.ndarray | None = None  # (n_bg, 2) original sizes, set by `load_backgrounds` (GPU mode)
         self.bg_errors: dict[int, str] = {}  # backgrounds that could not be read, by id (GPU mode)
 
-    def subset(self, split: str, augment: bool = False) -> ModestDataset:
+    def subset(
+        self, split: str, augment: bool = False, reshoot: str | None = None, reshoot_seed: int | None = None
+    ) -> ModestDataset:
         """The same dataset seen through another split; shares the index (nothing is read again)."""
         if split not in ("all", "train", "val"):
             raise UserError(f"split must be all, train or val, not {split!r}")
         view = copy.copy(self)
         view.split = split
         view.rows = make_split(self.bg_ids, split, self.val_fraction, self.split_by, self.seed)
-        view.augment = make_train_augment() if augment else None
+        view.augment = make_augment(augment, reshoot, reshoot_seed)
         view._bg_cache = {}
         return view
 
@@ -333,7 +341,7 @@ class ModestDataset(Dataset):
         bg_fg, mask, depth = self._load_others(row, bg_shape)
         cached = bg
         if self.augment is not None:
-            bg, bg_fg, mask, depth = apply_augment(self.augment, bg, bg_fg, mask, depth)
+            bg, bg_fg, mask, depth = apply_augment(self.augment, bg, bg_fg, mask, depth, key=row)
         if np.may_share_memory(bg, cached):  # samples are views (`_chw`): never hand out the cache's memory
             bg = bg.copy()
         return {
@@ -613,7 +621,8 @@ class DeviceLoader:
     that `decode_on_device` decodes in one batched call (falling back to the CPU decoder for a batch the
     device decoder rejects, so bad files are still named). With `augment`, the flip (the same for all four
     images of a sample) and the photometric jitter (one draw per sample, shared by bg and bg_fg) run here
-    as batched tensor operations, drawn from a generator on the device seeded from torch's RNG per epoch.
+    as batched tensor operations, drawn from a generator on the device seeded from torch's RNG per epoch;
+    with `reshoot` (a level of lib.augment), bg is re-shot between the two (`reshoot_batch`).
     """
 
     def __init__(
@@ -627,6 +636,7 @@ class DeviceLoader:
         augment: bool = False,
         decode_on_device: bool = False,
         ahead: int = 0,
+        reshoot: str | None = None,
     ):
         if ahead < 0:
             raise UserError(f"ahead must be 0 or more batches, not {ahead}")
@@ -638,6 +648,7 @@ class DeviceLoader:
         self._dataset = dataset
         self.backgrounds = backgrounds.to(self.device) if backgrounds is not None else None  # (n_bg, 3, H, W) uint8
         self.augment = augment and backgrounds is not None
+        self.reshoot = reshoot if backgrounds is not None else None
         self.decode_on_device = decode_on_device
         self.decode_fallbacks = 0  # batches the device decoder rejected (decoded on the CPU instead)
         self._decode_stream = None
@@ -673,7 +684,7 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self.skipped = []
-        if self.augment:
+        if self.augment or self.reshoot:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
         batches = self._prepare_ahead() if self.ahead else (self.prepare(batch) for batch in self.loader)
@@ -786,9 +797,14 @@ class DeviceLoader:
         ids = batch["bg_id"].to(self.device, non_blocking=True)
         bg = self.backgrounds.index_select(0, ids)  # (B, 3, H, W) uint8
         bg_fg, mask, depth = (batch[key].to(self.device, non_blocking=True) for key in ("bg_fg", "mask", "depth"))
-        if self.augment:
-            bg, bg_fg, mask, depth = flip_batch([bg, bg_fg, mask, depth], 0.5, self.generator)
-            pair = jitter_batch(bg.float().div_(255.0), bg_fg.float().div_(255.0), p=0.5, generator=self.generator)
+        if self.augment or self.reshoot:
+            if self.augment:
+                bg, bg_fg, mask, depth = flip_batch([bg, bg_fg, mask, depth], 0.5, self.generator)
+            pair = bg.float().div_(255.0), bg_fg.float().div_(255.0)
+            if self.reshoot:  # after the flip, before the shared jitter: the CPU path's order up to the flip
+                pair = reshoot_batch(*pair, mask, self.reshoot, generator=self.generator)
+            if self.augment:
+                pair = jitter_batch(*pair, p=0.5, generator=self.generator)
             for key, x in zip(("bg", "bg_fg"), pair):
                 out[key] = (x * 255.0 - self._mean[key]) / self._std[key]  # (B, 3, H, W)
         else:
@@ -974,7 +990,8 @@ def make_loader(
     loader: "threads" (a pool of threads in this process), "processes" (DataLoader workers), "auto" (DEFAULT_LOADER);
     with num_workers=0 samples load in the calling thread either way.
     data_mode: "cpu" (decode and augment in the workers), "gpu" (backgrounds kept decoded on the device and sent
-    by index; flip and jitter batched on the device; runs on any device), "auto" (gpu on CUDA, else cpu).
+    by index; flip, re-shoot and jitter batched on the device; runs on any device), "auto" (gpu on CUDA, else
+    cpu). A re-shoot seeded per sample (`ModestDataset(reshoot_seed=...)`) always runs in cpu mode.
     decode: where GPU mode decodes JPEGs: "device" (batched nvJPEG), "cpu", "auto" (see `resolve_decode`).
     ahead: batches prepared on the device by a background thread while the model trains (None: 2 on CUDA, else 0).
     """
@@ -987,6 +1004,11 @@ def make_loader(
     if workers < 0:
         raise UserError(f"num_workers must be 0 or more, not {workers}")
     mode = resolve_data_mode(data_mode, device)
+    shared, reshoot = dataset.augment, None
+    if isinstance(shared, Augment):
+        shared, reshoot = shared.shared, shared.reshoot
+        if dataset.augment.sample_seed is not None:
+            mode = "cpu"  # a re-shoot seeded per sample (evaluation) is drawn on the CPU, the same on every device
     backgrounds = dataset.load_backgrounds() if mode == "gpu" else None
     if mode == "gpu" and backgrounds is None:
         if data_mode == "gpu":
@@ -1030,9 +1052,10 @@ def make_loader(
         skip_bad_samples=skip_bad_samples,
         dataset=dataset,
         backgrounds=backgrounds,
-        augment=mode == "gpu" and dataset.augment is not None,
+        augment=mode == "gpu" and shared is not None,
         decode_on_device=encoded,
         ahead=(2 if device.type == "cuda" else 0) if ahead is None else ahead,
+        reshoot=reshoot.level if mode == "gpu" and reshoot is not None else None,
     )
     if isinstance(inner, ThreadLoader) and device.type == "cpu" and mode == "cpu":
         inner.finish = device_loader.finish_batch  # on the CPU the float conversion is work: spread it over the threads
@@ -1047,6 +1070,7 @@ def make_loaders(
     num_workers: int | None = None,
     device: torch.device | str | None = None,
     augment: bool = True,
+    reshoot: bool = False,
     split_by: str = "sample",
     seed: int = 1,
     val_fraction: float = 0.3,
@@ -1056,11 +1080,15 @@ def make_loaders(
     decode: str = "auto",
     ahead: int | None = None,
 ) -> tuple[DeviceLoader, DeviceLoader]:
-    """(train_loader, val_loader) over a MODEST folder or zip; batches arrive on `device`, normalised (see `make_loader`)."""
+    """(train_loader, val_loader) over a MODEST folder or zip; batches arrive on `device`, normalised (see `make_loader`).
+
+    reshoot: re-shoot bg in training (the "train" level of lib.augment), as a phone on a tripod would.
+    """
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}")
     dataset = ModestDataset(root, "all", image_size, False, val_fraction, split_by, seed)
-    train_set, val_set = dataset.subset("train", augment), dataset.subset("val")
+    train_set = dataset.subset("train", augment, "train" if reshoot else None)
+    val_set = dataset.subset("val")
     common = dict(
         batch_size=batch_size,
         num_workers=num_workers,

@@ -66,6 +66,7 @@ class Config:
     val_fraction: float = 0.3
     seed: int = 1
     augment: bool = True
+    reshoot: bool = False  # re-shoot bg in training (lib.augment's "train" level); the original recipe does not
     amp: bool = True  # bf16 where supported, else fp16 + GradScaler; CUDA only
     channels_last: bool = True  # CUDA and CPU (measured faster on both); not MPS
     compile: bool = False
@@ -517,7 +518,8 @@ def fit(
         torch.backends.cudnn.allow_tf32 = True
 
     dataset = ModestDataset(root, "all", cfg.image_size, False, cfg.val_fraction, cfg.split_by, cfg.seed)
-    train_set, val_set = dataset.subset("train", cfg.augment), dataset.subset("val")
+    train_set = dataset.subset("train", cfg.augment, "train" if cfg.reshoot else None)
+    val_set = dataset.subset("val")
     if len(train_set) == 0 or len(val_set) == 0:
         raise UserError(f"{root}: too few samples to split into train and val ({len(dataset)})")
     train_sampler = EpochSampler(len(train_set), cfg.seed, cfg.max_train_samples, ddp.rank, ddp.world_size)
@@ -800,6 +802,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-amp", action="store_true", help="fp32 even on CUDA")
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument(
+        "--reshoot",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="perturb bg alone in training as a re-shot background would differ (default: on for the synthetic "
+        "demo, off for the original recipe)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
     p.add_argument("--skip-bad-samples", action="store_true", help="leave out unreadable samples and list them")
@@ -817,7 +826,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DEMO = dict(epochs=5, batch_size=8, image_size=64, optimizer="adamw", lr=2e-3, scheduler="onecycle", weight_decay=1e-4)
+DEMO = dict(
+    epochs=5,
+    batch_size=8,
+    image_size=64,
+    optimizer="adamw",
+    lr=2e-3,
+    scheduler="onecycle",
+    weight_decay=1e-4,
+    reshoot=True,
+)
 DEMO_LOSS = {"depthnet": "bce_lovasz_rmse", "masknet": "bce_lovasz"}  # the Lovasz hinge lifts IoU within minutes
 
 
@@ -833,6 +851,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "optimizer": args.optimizer,
         "scheduler": args.scheduler,
         "loss": args.loss,
+        "reshoot": args.reshoot,
     }
     base.update({k: v for k, v in given.items() if v is not None})
     if base.get("optimizer") == "sgd" and "weight_decay" in base and args.data == "synthetic":

@@ -190,6 +190,8 @@ METRIC_NAMES = {
     "depth_ssim": "depth SSIM",
     "depth_rmse_scaled": "depth RMSE, one scale per image fitted",
     "depth_delta1_scaled": "depth delta<1.25, one scale per image fitted",
+    "depth_absrel_aligned": "depth AbsRel, scale and shift per image fitted",
+    "depth_delta1_aligned": "depth delta<1.25, scale and shift per image fitted",
     "samples_per_s": "train samples/s",
     "seconds": "train seconds",
 }
