@@ -1,9 +1,12 @@
 """Train MaskNet or DepthNet on MODEST-format data; safe across interruptions.
 
-    python -m lib.train                       # the demo: synthetic data, DepthNet, CPU-friendly, runs/demo
-    python -m lib.train --model depthnet --data modest --image-size 224 --epochs 12 --out /content/drive/MyDrive/run
-    python -m lib.train --out runs/x --resume # continue runs/x/last.pt as if never interrupted
+    python -m lib.train                       # recipe demo: synthetic data, DepthNet, CPU-friendly, runs/demo
+    python -m lib.train --recipe original --out /content/drive/MyDrive/run   # the 2020 recipe on MODEST, 224 px
+    python -m lib.train --out runs/x --resume # continue runs/x/last.pt with its own settings, as if never interrupted
     torchrun --nproc_per_node=2 -m lib.train ...   # DistributedDataParallel, ranks from torchrun's variables
+
+The recipes (RECIPES below: `original`, `demo`) hold the settings; flags change one of them. Without --recipe,
+synthetic data (the default) gets `demo`, and `--data modest` or a path gets `original`.
 
 Under torchrun, --batch-size is per process (global batch = batch_size x processes; --lr is not scaled) and
 each epoch's shuffled train split is dealt out across the ranks; the train loss is averaged over every rank's
