@@ -579,7 +579,7 @@ def interactive_output(stream=None) -> bool:
         from IPython import get_ipython
 
         shell = get_ipython()
-        if shell is not None and "IPKernelApp" in getattr(shell, "config", {}):
+        if getattr(shell, "kernel", None) is not None:  # Jupyter and Colab kernels; not the terminal IPython
             return True
     return hasattr(stream, "isatty") and stream.isatty()
 
