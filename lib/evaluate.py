@@ -97,10 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="best.pt or last.pt from lib.train")
     p.add_argument("--data", required=True, help="a MODEST folder or zip")
-    p.add_argument("--split", default="all", help="all, val or train (val/train use the checkpoint's split settings)")
+    p.add_argument(
+        "--split",
+        choices=("all", "val", "train"),
+        default="all",
+        help="default all; val/train use the checkpoint's split settings",
+    )
     p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's size")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32, help="default 32")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: one per core, at most 8)")
     p.add_argument(
         "--baseline",
         action="store_true",
@@ -122,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="each sample's re-shoot is drawn from (this seed, its row in the file map): the same for any batch "
         "size, worker count or device",
     )
-    p.add_argument("--skip-bad-samples", action="store_true")
+    p.add_argument("--skip-bad-samples", action="store_true", help="leave out unreadable samples")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
 
 
