@@ -882,3 +882,74 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))  # run_cli also turns Ctrl-C into exit code 130
+
+
+# ---------------------------------------------------------------------------------------------- notebook API (stub for merge)
+# Minimal versions of the names the notebooks call; the integrator keeps the training helper's versions.
+
+RECIPES = {
+    "original": dict(data="modest"),  # the 2020 recipe: Config's defaults on MODEST
+    "demo": dict(DEMO, data="synthetic"),  # the five-minute CPU demo, as `python -m lib.train` runs it
+}
+
+
+def make_config(recipe: str = "demo", **overrides) -> Config:
+    """The Config of a named recipe ('original' or 'demo'), with `overrides` (Config fields) applied."""
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe {recipe!r} (choose {' or '.join(RECIPES)})")
+    base = dict(RECIPES[recipe])
+    if recipe == "demo":
+        base["loss"] = DEMO_LOSS[overrides.get("model", Config.model)]
+    return Config(**{**base, **overrides})
+
+
+def resume_run(out, model, optimizer, scheduler=None, scaler=None) -> tuple[list[dict], float, int]:
+    """Load OUT/last.pt into the given objects; return (history, best_val_loss, start_epoch)."""
+    state = load_checkpoint(Path(out) / "last.pt")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state["history"], state["best_val_loss"], state["epoch"] + 1
+
+
+def save_epoch(out, cfg, epoch, model, optimizer, scheduler, scaler, history, best_val_loss, improved) -> None:
+    """Checkpoint one finished epoch: best.pt first (when improved), then last.pt, then history.json."""
+    out = Path(out)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": dataclasses.asdict(cfg),
+        "epoch": epoch,
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "history": history,
+        "best_val_loss": best_val_loss,
+        "rng": _rng_state(),
+    }
+    if improved:
+        save_checkpoint(out / "best.pt", state)
+    save_checkpoint(out / "last.pt", state)
+    write_history(out / "history.json", history)
+
+
+def make_epoch_record(epoch: int, train: dict, val: dict, lr: float) -> dict:
+    """One history entry from `train_one_epoch`'s and `evaluate`'s results."""
+    val = dict(val)
+    return {
+        "epoch": epoch,
+        "train_loss": train["train_loss"],
+        "val_loss": val.pop("val_loss"),
+        "lr": lr,
+        "seconds": round(train["seconds"], 2),
+        "samples_per_s": round(train["samples"] / max(train["seconds"], 1e-9), 1),
+        **val,
+    }
+
+
+def format_epoch(record: dict, improved: bool) -> str:
+    """The one line printed per epoch."""
+    return _summary(record, improved)
