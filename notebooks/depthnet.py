@@ -110,9 +110,7 @@ OPTIMIZER = None  # "sgd" or "adamw"; None: the recipe's
 WORKERS = None  # data loading threads; None: one per CPU core (at most 8)
 MOUNT_DRIVE = True  # on Colab, keep the data and the run on Google Drive so that a disconnect loses nothing
 DOWNLOAD = None  # fetch MODEST (6.6 GB) when it is missing; None: on Colab only (never by surprise on your machine)
-OUT = (
-    None  # run folder (checkpoints, history, figures); None: MyDrive/modest-runs/depthnet on Drive, else runs/depthnet
-)
+OUT = None  # run folder (checkpoints, history); None: MyDrive/modest-runs/depthnet on Drive, else runs/depthnet
 RESUME = "auto"  # "auto": continue OUT's run if there is one; True: must continue; False: start (refused over a run)
 TRAIN = True  # False: skip training and show OUT's best.pt, else the shipped weights/depthnet.pt
 UPLOAD = False  # True: under "Your own photos", upload two photos on Colab (waits for you); False: a validation pair
