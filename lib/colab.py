@@ -1,4 +1,8 @@
-"""The repository's GitHub slug (kept here and nowhere else) and the Colab helpers built on it.
+"""The repository's GitHub slug (kept here and nowhere else) and the notebooks' Colab flows.
+
+The flows: MODEST kept once on Google Drive and copied to the runtime's disk (`prepare_modest_on_colab`), data
+chosen without surprise downloads (`resolve_notebook_data`), a run folder continued or protected (`plan_run`),
+a CPU runtime stopped early (`check_runtime`), and the shipped weights when no run exists (`load_trained`).
 
 Badges and the clone URL in README.md and the notebooks are written out from `REPO`; after changing
 `REPO`, run `python -m lib.colab` to rewrite them (tests/test_notebooks.py checks that they agree).
@@ -104,7 +108,12 @@ def find_modest_on_drive(drive: Path) -> Path | None:
 
 
 def prepare_modest_on_colab(
-    drive: Path, *, source: str | Path | None = None, local: Path = LOCAL_DATA, attempts: int = 3, progress: bool = True
+    drive: Path,
+    *,
+    source: str | Path | None = None,
+    local: Path | None = None,
+    attempts: int = 3,
+    progress: bool = True,
 ) -> Path:
     """MODEST on the runtime's local disk, via one copy on Drive: found there (or `source`), else downloaded there once.
 
@@ -129,7 +138,7 @@ def prepare_modest_on_colab(
             except DownloadFailed:
                 if attempt == attempts:
                     raise
-    return get_modest(local, from_path=on_drive, progress=progress).path
+    return get_modest(LOCAL_DATA if local is None else local, from_path=on_drive, progress=progress).path
 
 
 def resolve_notebook_data(

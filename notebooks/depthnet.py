@@ -129,8 +129,9 @@ out = Path(OUT) if OUT else default_out("depthnet", drive)
 chosen = dict(data=DATA, epochs=EPOCHS, batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, lr=LR, optimizer=OPTIMIZER)
 chosen.update(workers=WORKERS)
 cfg = make_config(RECIPE, model="depthnet", out=str(out), **{k: v for k, v in chosen.items() if v is not None})
-cfg, resume = plan_run(out, cfg, RESUME) if TRAIN else (cfg, False)
-print(f"recipe {RECIPE}: {cfg}\nrun folder: {out} ({'continuing its run' if resume else 'new run'})")
+cfg, resume = plan_run(out, cfg, RESUME if TRAIN else "auto")  # not training: load its history to show
+status = ("continuing its run" if TRAIN else "showing its run") if resume else "new run"
+print(f"recipe {RECIPE}: {cfg}\nrun folder: {out} ({status})")
 
 # %% [markdown]
 # ## Data

@@ -216,3 +216,13 @@ def test_setup_cell_clones_then_updates_and_names_a_wrong_url(name, tmp_path, fa
     with pytest.raises(RuntimeError, match="edit REPO_URL"):
         exec(wrong, {})
     assert '"GIT_TERMINAL_PROMPT": "0"' in source, "git must never ask for a password in a notebook"
+
+
+def test_a_zip_on_drive_given_as_data_is_trained_from_local_disk(tmp_path, modest_zip, monkeypatch):
+    monkeypatch.setattr(colab, "DRIVE", tmp_path / "drive")
+    monkeypatch.setattr(colab, "LOCAL_DATA", tmp_path / "local")
+    mine = tmp_path / "drive" / "MyDrive" / "datasets" / "mine.zip"
+    mine.parent.mkdir(parents=True)
+    shutil.copy(modest_zip, mine)
+    got = colab.resolve_notebook_data(str(mine), drive=tmp_path / "drive" / "MyDrive", progress=False)
+    assert got == tmp_path / "local" / NAME and got.read_bytes() == mine.read_bytes()
