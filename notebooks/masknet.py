@@ -126,8 +126,9 @@ device = default_device()
 check_runtime(RECIPE, device)
 drive = mount_drive(MOUNT_DRIVE)
 out = Path(OUT) if OUT else default_out("masknet", drive)
-chosen = dict(data=DATA, epochs=EPOCHS, batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, lr=LR, optimizer=OPTIMIZER)
-chosen.update(workers=WORKERS)
+chosen = dict(
+    data=DATA, epochs=EPOCHS, batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, lr=LR, optimizer=OPTIMIZER, workers=WORKERS
+)  # None: the recipe's
 cfg = make_config(RECIPE, model="masknet", out=str(out), **{k: v for k, v in chosen.items() if v is not None})
 cfg, resume = plan_run(out, cfg, RESUME if TRAIN else "auto")  # not training: load its history to show
 status = ("continuing its run" if TRAIN else "showing its run") if resume else "new run"
@@ -182,13 +183,14 @@ train_loader, val_loader = make_loaders(
     split_by=cfg.split_by,
     seed=cfg.seed,
 )
-loss_fn = make_loss(cfg.loss or DEFAULT_LOSS[cfg.model], cfg.model)
+loss_name = cfg.loss or DEFAULT_LOSS[cfg.model]
+loss_fn = make_loss(loss_name, cfg.model)
 optimizer = make_optimizer(cfg, model)
 scheduler = make_scheduler(cfg, optimizer, len(train_loader))
 amp_dtype = autocast_dtype(device, cfg.amp)  # bf16/fp16 on a GPU, fp32 elsewhere
 scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 history, best_val_loss, start_epoch = start_history(out, resume, model, optimizer, scheduler, scaler)
-print(f"loss {cfg.loss or DEFAULT_LOSS[cfg.model]}, {type(optimizer).__name__} lr {cfg.lr}, epochs {start_epoch}..")
+print(f"loss {loss_name}, {type(optimizer).__name__} lr {cfg.lr}, epochs {start_epoch}..")
 
 # %% [markdown]
 # The epoch loop: train, evaluate, save (`best.pt` when the validation loss improves, then `last.pt`), redraw the
