@@ -226,3 +226,27 @@ def test_a_zip_on_drive_given_as_data_is_trained_from_local_disk(tmp_path, modes
     shutil.copy(modest_zip, mine)
     got = colab.resolve_notebook_data(str(mine), drive=tmp_path / "drive" / "MyDrive", progress=False)
     assert got == tmp_path / "local" / NAME and got.read_bytes() == mine.read_bytes()
+
+
+def test_a_dropped_download_is_resumed_within_the_cell(tmp_path, modest_zip, monkeypatch):
+    """gdown 5 (Colab's) does not retry inside one call: prepare_modest_on_colab tries again, then gives up."""
+    import lib.download as download
+
+    tries = []
+
+    def flaky_fetch(url, part, **kwargs):
+        tries.append(url)
+        if len(tries) < 3:
+            raise download.DownloadFailed("the connection dropped mid-transfer")
+        shutil.copy(modest_zip, part)
+
+    monkeypatch.setattr(download, "fetch_url", flaky_fetch)
+    monkeypatch.setattr(download, "_check_free_space", lambda folder, need: None)
+    (tmp_path / "MyDrive").mkdir()
+    got = colab.prepare_modest_on_colab(tmp_path / "MyDrive", local=tmp_path / "local", progress=False)
+    assert got.is_file() and len(tries) == 3
+    tries.clear()
+    (tmp_path / "Other").mkdir()
+    with pytest.raises(download.DownloadFailed):
+        colab.prepare_modest_on_colab(tmp_path / "Other", local=tmp_path / "local2", attempts=2, progress=False)
+    assert len(tries) == 2
