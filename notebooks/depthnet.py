@@ -181,6 +181,7 @@ train_loader, val_loader = make_loaders(
     num_workers=cfg.workers,
     device=device,
     augment=cfg.augment,
+    reshoot=cfg.reshoot,
     split_by=cfg.split_by,
     seed=cfg.seed,
 )

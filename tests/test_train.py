@@ -375,6 +375,7 @@ def test_the_notebook_loop_reproduces_fit(small_modest, tmp_path):
         num_workers=cfg.workers,
         device=device,
         augment=cfg.augment,
+        reshoot=cfg.reshoot,
         split_by=cfg.split_by,
         seed=cfg.seed,
     )
