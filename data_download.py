@@ -141,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "or choose --backgrounds, --foregrounds and --placements (e.g. --backgrounds 20 --foregrounds 10 "
                 "--placements 2: 800 samples)"
             )
-        print(f"writing {samples:,} samples ({shape} at {args.size} px, {size}) to {args.out}", flush=True)
+        # up front, on stderr: stdout's last line stays the result ("wrote N samples to PATH")
+        print(f"writing {samples:,} samples ({shape} at {args.size} px, {size}) to {args.out}", file=sys.stderr)
         path = make_synthetic_dataset(
             Path(args.out),
             size=args.size,

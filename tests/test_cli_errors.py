@@ -293,7 +293,7 @@ def test_synthetic_download_asks_before_writing_gigabytes(tmp_path):
         ]
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0].startswith("writing 2 samples (1 backgrounds x 1 foregrounds x 2 placements")
+    assert done.stderr.startswith("writing 2 samples (1 backgrounds x 1 foregrounds x 2 placements")
     assert done.stdout.splitlines()[-1].startswith("wrote 2 samples")
 
 
