@@ -739,6 +739,11 @@ def fit(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    model = make_model(cfg.model)  # right after seeding, before the loaders: as the notebooks build it
+    if cfg.sync_bn and ddp.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    channels_last = cfg.channels_last and device.type in ("cuda", "cpu")
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     loader_settings = dict(
         num_workers=cfg.workers,
         device=device,
@@ -778,11 +783,6 @@ def fit(
             val_set, batch_size=cfg.batch_size, shuffle=False, sampler=val_sampler, **loader_settings
         )
 
-    model = make_model(cfg.model)
-    if cfg.sync_bn and ddp.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = cfg.channels_last and device.type in ("cuda", "cpu")
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     loss_fn = make_loss(cfg.loss or DEFAULT_LOSS[cfg.model], cfg.model)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
@@ -1068,6 +1068,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     validate_config(cfg)
+    held = [p for p in (Path(cfg.out) / "best.pt", Path(cfg.out) / "last.pt") if p.exists()]
+    if held and not args.resume:  # never replace a run's checkpoints by starting over it
+        raise UserError(
+            f"{held[0]}: {cfg.out} holds a run; continue it with --resume, or start a new one with another --out"
+        )
     history = fit(cfg, resume=args.resume, progress=not args.quiet)  # fit resolves the data (the run's, on resume)
     if history and int(os.environ.get("RANK", "0")) == 0:
         best = min(history, key=lambda r: r["val_loss"])

@@ -87,6 +87,7 @@ from lib.train import (
     make_optimizer,
     make_scheduler,
     save_epoch,
+    seed_everything,
     train_one_epoch,
 )
 from lib.widgets import LiveFigure, choose_pair, make_browser, make_metrics_table, pick_samples, show_figure
@@ -156,8 +157,9 @@ show_figure(plot_samples(pick_samples(val_set, 4), title="validation samples"))
 # and depth.
 
 # %%
-torch.manual_seed(cfg.seed)
-model = make_model(cfg.model).to(device)
+seed_everything(cfg.seed)  # as python -m lib.train does: the same recipe gives the same run
+channels_last = cfg.channels_last and device.type in ("cuda", "cpu")  # measured faster on both
+model = make_model(cfg.model).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 bg = bg_fg = torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=device)  # (B, 3, H, W)
 with torch.no_grad():
     mask_logits, depth = model.eval()(bg, bg_fg)  # (B, 1, H, W) each
@@ -213,11 +215,10 @@ for epoch in range(start_epoch, last_epoch + 1):
         scheduler=scheduler,
         scaler=scaler,
         amp_dtype=amp_dtype,
+        channels_last=channels_last,
         progress=bar,
     )
-    if scheduler is not None and not getattr(scheduler, "per_step", False):  # OneCycle steps per batch, inside
-        scheduler.step()
-    val = evaluate(model, val_loader, loss_fn, device, amp_dtype=amp_dtype, progress=bar)
+    val = evaluate(model, val_loader, loss_fn, device, amp_dtype=amp_dtype, channels_last=channels_last, progress=bar)
     bar.close()
     record = make_epoch_record(epoch, train, val, lr)
     history.append(record)

@@ -368,6 +368,7 @@ def test_the_notebook_loop_reproduces_fit(small_modest, tmp_path):
     out = tmp_path / "notebook"
     device = torch.device("cpu")
     train.seed_everything(cfg.seed)
+    model = make_model(cfg.model).to(device, memory_format=torch.channels_last)  # built as the notebooks build it
     train_loader, val_loader = make_loaders(
         small_modest,
         batch_size=cfg.batch_size,
@@ -379,7 +380,6 @@ def test_the_notebook_loop_reproduces_fit(small_modest, tmp_path):
         split_by=cfg.split_by,
         seed=cfg.seed,
     )
-    model = make_model(cfg.model).to(device, memory_format=torch.channels_last)
     loss_fn = make_loss(cfg.loss, cfg.model)
     optimizer = train.make_optimizer(cfg, model)
     scheduler = train.make_scheduler(cfg, optimizer, len(train_loader))
