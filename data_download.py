@@ -1,7 +1,7 @@
 """Get data in MODEST format: make the synthetic set, download the real MODEST zip, or verify what you have.
 
     python data_download.py synthetic --out data/synthetic [--size 224] [--backgrounds 100] [--foregrounds 100]
-                                      [--placements 20] [--seed 0] [--zip] [--workers N]
+                                      [--placements 20] [--seed 0] [--objects 0] [--zip] [--workers N] [--yes]
     python data_download.py modest [--out data] [--from PATH [--in-place]] [--extract] [--quick]
     python data_download.py verify PATH [--quick]
     python data_download.py build --backgrounds DIR --foregrounds DIR --out DIR [--size 224] [--placements 20]
@@ -20,8 +20,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lib.errors import run_cli
+from lib.errors import UserError, run_cli
 from tools.download import QUICK_SAMPLE, REGISTRY, URL_ENV, count_samples, extract_zip, get_modest, verify_path
+
+SYNTHETIC_SIZES = dict(backgrounds=100, foregrounds=100, placements=20)  # 400,000 samples: a full-size MODEST twin
+ASK_ABOVE = 20_000  # samples; the defaults make 400,000 (about 9 GB), too much to write without asking
+BYTES_PER_SAMPLE_224 = 21_000  # measured: bg_fg, mask and depth JPEGs of one 224 px synthetic sample
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -29,6 +33,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     syn = sub.add_parser("synthetic", parents=[common], help="make the procedural MODEST-format dataset (no download)")
@@ -36,17 +41,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--out", required=True, help="folder to write (with --zip: the zip file; .zip is added if missing)"
     )
     syn.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
-    syn.add_argument("--backgrounds", type=int, default=100, help="number of backgrounds (default 100)")
-    syn.add_argument("--foregrounds", type=int, default=100, help="number of foregrounds (default 100)")
+    syn.add_argument("--backgrounds", type=int, default=None, help="number of backgrounds (default 100)")
+    syn.add_argument("--foregrounds", type=int, default=None, help="number of foregrounds (default 100)")
     syn.add_argument(
         "--placements",
         type=int,
-        default=20,
+        default=None,
         help="placements per bg/fg pair, doubled by flipping the fg (default 20 -> 40 samples a pair)",
     )
     syn.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    syn.add_argument(
+        "--objects",
+        type=float,
+        default=0.0,
+        help="fraction of foregrounds that are generic cut-outs (blobs, polygons, furniture-like), not people "
+        "(default 0: people only)",
+    )
     syn.add_argument("--zip", action="store_true", help="write one zip instead of a folder")
     syn.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    syn.add_argument(
+        "--yes", action="store_true", help=f"write more than {ASK_ABOVE:,} samples without the sizes given explicitly"
+    )
 
     entry = REGISTRY["modest"]
     mod = sub.add_parser(
@@ -94,7 +109,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(needs internet); without it depth maps are a flat placeholder",
     )
     bld.add_argument("--seed", type=int, default=0, help="random seed for the positions (default 0)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "synthetic":  # sizes left out take their defaults; sizes given count as an explicit choice
+        given = {k: getattr(args, k) for k in SYNTHETIC_SIZES if getattr(args, k) is not None}
+        args.sizes_given = bool(given)
+        vars(args).update({**SYNTHETIC_SIZES, **given})
+    return args
+
+
+def describe_synthetic(size: int, backgrounds: int, foregrounds: int, placements: int) -> tuple[int, str]:
+    """(sample count, 'about N GB') of a synthetic dataset, from its arguments."""
+    samples = backgrounds * foregrounds * 2 * placements
+    size_bytes = samples * BYTES_PER_SAMPLE_224 * (size / 224) ** 2
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size_bytes >= scale or unit == "KB":
+            return samples, f"about {size_bytes / scale:.1f} {unit}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,6 +133,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "synthetic":
         from lib.synthetic import make_synthetic_dataset  # only this command needs it
 
+        samples, size = describe_synthetic(args.size, args.backgrounds, args.foregrounds, args.placements)
+        shape = f"{args.backgrounds} backgrounds x {args.foregrounds} foregrounds x {2 * args.placements} placements"
+        if samples > ASK_ABOVE and not (args.yes or args.sizes_given):
+            raise UserError(
+                f"{args.out}: the default sizes make {samples:,} samples ({shape}, {size}); add --yes to write them, "
+                "or choose --backgrounds, --foregrounds and --placements (e.g. --backgrounds 20 --foregrounds 10 "
+                "--placements 2: 800 samples)"
+            )
+        # up front, on stderr: stdout's last line stays the result ("wrote N samples to PATH")
+        print(f"writing {samples:,} samples ({shape} at {args.size} px, {size}) to {args.out}", file=sys.stderr)
         path = make_synthetic_dataset(
             Path(args.out),
             size=args.size,
@@ -111,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             foregrounds=args.foregrounds,
             placements=args.placements,
             seed=args.seed,
+            objects=args.objects,
             as_zip=args.zip,
             workers=args.workers,
             progress=progress,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from .augment import apply_augment, make_train_augment
+from .augment import Augment, apply_augment, make_augment
 from .errors import DataError, UserError
 from .modest import FILE_MAP, FOLDERS, parse_file_map, resolve_names
 from .zipindex import ZipIndex, find_sorted
@@ -256,7 +256,11 @@ def resize_tensor(x: torch.Tensor, size: int | tuple[int, int], mask: bool = Fal
 
 class ModestDataset(Dataset):
     """MODEST-format samples as dicts of uint8 CHW tensors (views of the decoded HWC images): bg (3), bg_fg (3),
-    mask (1, 0/1), depth (1, 0..255), name."""
+    mask (1, 0/1), depth (1, 0..255), name.
+
+    reshoot: None, or a re-shoot level (train, mild, strong; see lib.augment) applied to bg alone; with
+    `reshoot_seed`, each sample's draw comes from (reshoot_seed, its row in the file map) only (evaluation).
+    """
 
     def __init__(
         self,
@@ -267,6 +271,8 @@ class ModestDataset(Dataset):
         val_fraction: float = 0.3,
         split_by: str = "sample",
         seed: int = 1,
+        reshoot: str | None = None,
+        reshoot_seed: int | None = None,
     ):
         if split not in ("all", "train", "val"):
             raise UserError(f"split must be all, train or val, not {split!r}")
@@ -293,19 +299,21 @@ class ModestDataset(Dataset):
         self.sample_names = names[:, 1]
         self.val_fraction, self.split_by, self.seed = val_fraction, split_by, seed
         self.rows = make_split(self.bg_ids, split, val_fraction, split_by, seed)
-        self.augment = make_train_augment() if augment else None
+        self.augment = make_augment(augment, reshoot, reshoot_seed)
         self.catch_errors = False  # set by the loaders: errors travel back as records, raised in the main process
         self._bg_cache: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}
         self._bg_cache_pid = os.getpid()
 
-    def subset(self, split: str, augment: bool = False) -> ModestDataset:
+    def subset(
+        self, split: str, augment: bool = False, reshoot: str | None = None, reshoot_seed: int | None = None
+    ) -> ModestDataset:
         """The same dataset seen through another split; shares the index (nothing is read again)."""
         if split not in ("all", "train", "val"):
             raise UserError(f"split must be all, train or val, not {split!r}")
         view = copy.copy(self)
         view.split = split
         view.rows = make_split(self.bg_ids, split, self.val_fraction, self.split_by, self.seed)
-        view.augment = make_train_augment() if augment else None
+        view.augment = make_augment(augment, reshoot, reshoot_seed)
         view._bg_cache = {}
         return view
 
@@ -355,7 +363,7 @@ class ModestDataset(Dataset):
         bg_fg, mask, depth = self._load_others(row, bg_shape)
         cached = bg
         if self.augment is not None:
-            bg, bg_fg, mask, depth = apply_augment(self.augment, bg, bg_fg, mask, depth)
+            bg, bg_fg, mask, depth = apply_augment(self.augment, bg, bg_fg, mask, depth, key=row)
         if np.may_share_memory(bg, cached):  # samples are views (`_chw`): never hand out the cache's memory
             bg = bg.copy()
         return {
@@ -688,8 +696,9 @@ def make_loader(
 
     loader: "threads" (a pool of threads in this process), "processes" (DataLoader workers), "auto" (DEFAULT_LOADER);
     with num_workers=0 samples load in the calling thread either way.
-    data_mode: "cpu" (decode and augment in the workers), "gpu" (lib/fastpath.py: backgrounds on the device, flip and
-    jitter batched there), "auto" (gpu on CUDA when lib/fastpath.py is present, else cpu).
+    data_mode: "cpu" (decode and augment in the workers), "gpu" (lib/fastpath.py: backgrounds on the device, flip,
+    re-shoot and jitter batched there), "auto" (gpu on CUDA when lib/fastpath.py is present, else cpu). A re-shoot
+    seeded per sample (`ModestDataset(reshoot_seed=...)`, evaluation) always runs in cpu mode, the same everywhere.
     decode, ahead: the fast path's (see lib.fastpath.make_fast_loader); ahead=None is 2 on CUDA, else 0.
     """
     device = torch.device(device) if device is not None else default_device()
@@ -701,7 +710,10 @@ def make_loader(
     batching = dict(
         batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last, workers=workers, loader=loader
     )
-    if wanted or device.type == "cuda":
+    per_sample = isinstance(dataset.augment, Augment) and dataset.augment.sample_seed is not None
+    if per_sample and data_mode == "gpu":
+        raise UserError("a re-shoot seeded per sample (evaluation) runs in cpu mode; leave data_mode='gpu' out")
+    if (wanted or device.type == "cuda") and not per_sample:
         try:
             from . import fastpath
         except ImportError:  # the fast path was deleted: the plain path serves, unless it was asked for by name
@@ -737,6 +749,7 @@ def make_loaders(
     num_workers: int | None = None,
     device: torch.device | str | None = None,
     augment: bool = True,
+    reshoot: bool = False,
     split_by: str = "sample",
     seed: int = 1,
     val_fraction: float = 0.3,
@@ -746,11 +759,14 @@ def make_loaders(
     decode: str = "auto",
     ahead: int | None = None,
 ) -> tuple[DeviceLoader, DeviceLoader]:
-    """(train_loader, val_loader) over a MODEST folder or zip; batches arrive on `device`, normalised (see `make_loader`)."""
+    """(train_loader, val_loader) over a MODEST folder or zip; batches arrive on `device`, normalised (see `make_loader`).
+
+    reshoot: re-shoot bg in training (the "train" level of lib.augment), as a phone on a tripod would.
+    """
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}")
     dataset = ModestDataset(root, "all", image_size, False, val_fraction, split_by, seed)
-    train_set, val_set = dataset.subset("train", augment), dataset.subset("val")
+    train_set, val_set = dataset.subset("train", augment, "train" if reshoot else None), dataset.subset("val")
     common = dict(
         batch_size=batch_size,
         num_workers=num_workers,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .augment import flip_batch, jitter_batch
+from .augment import Augment, flip_batch, jitter_batch, reshoot_batch
 from .data import (
     DeviceLoader,
     ModestDataset,
@@ -143,7 +143,8 @@ class FastLoader(DeviceLoader):
     that `decode_on_device` decodes in one batched call (falling back to the CPU decoder for a batch the
     device decoder rejects, so bad files are still named). With `augment`, the flip (the same for all four
     images of a sample) and the photometric jitter (one draw per sample, shared by bg and bg_fg) run here
-    as batched tensor operations, drawn from a generator on the device seeded from torch's RNG per epoch.
+    as batched tensor operations, drawn from a generator on the device seeded from torch's RNG per epoch;
+    with `reshoot` (a level of lib.augment), bg is re-shot between the two (`reshoot_batch`).
     """
 
     def __init__(
@@ -154,6 +155,7 @@ class FastLoader(DeviceLoader):
         augment: bool = False,
         decode_on_device: bool = False,
         ahead: int = 0,
+        reshoot: str | None = None,
         **plain,
     ):
         if ahead < 0:
@@ -163,6 +165,7 @@ class FastLoader(DeviceLoader):
         self.backgrounds = backgrounds.to(self.device) if backgrounds is not None else None  # (n_bg, 3, H, W) uint8
         self.bg_shapes = bg_shapes  # (n_bg, 2) original sizes of the backgrounds
         self.augment = augment and backgrounds is not None
+        self.reshoot = reshoot if backgrounds is not None else None
         self.decode_on_device = decode_on_device
         self.decode_fallbacks = 0  # batches the device decoder rejected (decoded on the CPU instead)
         self._decode_stream = None
@@ -174,7 +177,7 @@ class FastLoader(DeviceLoader):
         return "gpu" if self.backgrounds is not None else "cpu"
 
     def __iter__(self) -> Iterator[dict]:
-        if self.augment:
+        if self.augment or self.reshoot:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
         return super().__iter__()
@@ -263,9 +266,14 @@ class FastLoader(DeviceLoader):
         ids = batch["bg_id"].to(self.device, non_blocking=True)
         bg = self.backgrounds.index_select(0, ids)  # (B, 3, H, W) uint8
         bg_fg, mask, depth = (batch[key].to(self.device, non_blocking=True) for key in ("bg_fg", "mask", "depth"))
-        if self.augment:
-            bg, bg_fg, mask, depth = flip_batch([bg, bg_fg, mask, depth], 0.5, self.generator)
-            pair = jitter_batch(bg.float().div_(255.0), bg_fg.float().div_(255.0), p=0.5, generator=self.generator)
+        if self.augment or self.reshoot:
+            if self.augment:
+                bg, bg_fg, mask, depth = flip_batch([bg, bg_fg, mask, depth], 0.5, self.generator)
+            pair = bg.float().div_(255.0), bg_fg.float().div_(255.0)
+            if self.reshoot:  # after the flip, before the shared jitter: the CPU path's order up to the flip
+                pair = reshoot_batch(*pair, mask, self.reshoot, generator=self.generator)
+            if self.augment:
+                pair = jitter_batch(*pair, p=0.5, generator=self.generator)
             bg, bg_fg = pair  # float in [0, 1]
         out["bg"], out["bg_fg"] = normalize(bg, "bg"), normalize(bg_fg, "bg_fg")  # (B, 3, H, W)
         out["mask"] = mask.float()
@@ -410,6 +418,9 @@ def make_fast_loader(
             raise UserError("data_mode='gpu' needs backgrounds of one size; set image_size")
         gpu = False
     encoded = gpu and resolve_decode(decode, device, dataset)
+    shared, reshoot = dataset.augment, None
+    if isinstance(shared, Augment):
+        shared, reshoot = shared.shared, shared.reshoot
     dataset.catch_errors = True
     source = DeviceSamples(dataset, encoded, bg_shapes, bg_errors) if gpu else dataset
     collate_fn = collate_device_samples if gpu else collate_samples
@@ -423,7 +434,8 @@ def make_fast_loader(
         prepared_in_loader=in_threads,
         backgrounds=backgrounds,
         bg_shapes=bg_shapes,
-        augment=gpu and dataset.augment is not None,
+        augment=gpu and shared is not None,
+        reshoot=reshoot.level if gpu and reshoot is not None else None,
         decode_on_device=encoded,
         ahead=(2 if device.type == "cuda" else 0) if ahead is None else ahead,
     )

@@ -2,7 +2,10 @@
 
 Depth also gets RMSE and delta1 after one least-squares scale per image (`depth_rmse_scaled`,
 `depth_delta1_scaled`): how right the depth's shape is when the room's absolute size, which a single
-photo only hints at, is set aside.
+photo only hints at, is set aside. The MiDaS / Depth Anything convention goes further: one least-squares
+scale AND shift per image, in depth space, over valid pixels (`align_depth`), then AbsRel, delta1 and RMSE
+over valid pixels (`depth_absrel_aligned`, `depth_delta1_aligned`, `depth_rmse_aligned`): what a model can
+know from one photo once the room's scale and offset are set aside.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ __all__ = [
     "depth_absrel",
     "depth_delta1",
     "scale_to_truth",
+    "align_depth",
+    "depth_aligned_sums",
+    "depth_absrel_aligned",
+    "depth_delta1_aligned",
+    "depth_rmse_aligned",
     "depth_ssim_per_image",
     "classical_mask_baseline",
     "Metrics",
@@ -161,6 +169,71 @@ def scale_to_truth(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred * factor.view(-1, 1, 1, 1)).clamp(0, 1)
 
 
+def align_depth(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """preds (B, 1, H, W), raw, each image mapped to s * p + t with the scale s and shift t that minimise
+    sum((s p + t - g)^2) over its pixels with g > 0.01, then clamped to [0, 1] like the truth (B, 1, H, W).
+
+    A constant prediction (no scale to fit) gets s = 0, t = the mean valid truth; no valid pixel: s = 1, t = 0.
+    """
+    dtype = sum_dtype(target.device)
+    pred = preds.detach().to(dtype)
+    truth = target.detach().to(dtype)
+    valid = (truth > DEPTH_VALID_MIN).to(dtype)
+
+    def total(x: torch.Tensor) -> torch.Tensor:
+        return (x * valid).flatten(1).sum(1)  # (B,)
+
+    n, sum_p, sum_g = total(torch.ones_like(pred)), total(pred), total(truth)
+    sum_pp, sum_pg = total(pred * pred), total(pred * truth)
+    det = n * sum_pp - sum_p * sum_p  # n^2 times the variance of p over valid pixels
+    # a relative tolerance: a constant prediction leaves only rounding in det
+    flat = det <= 1e-9 * n * sum_pp.clamp_min(1e-30)
+    scale = torch.where(flat, torch.zeros_like(det), (n * sum_pg - sum_p * sum_g) / torch.where(flat, 1, det))
+    shift = (sum_g - scale * sum_p) / n.clamp_min(1)
+    scale = torch.where(n > 0, scale, torch.ones_like(scale))
+    shift = torch.where(n > 0, shift, torch.zeros_like(shift))
+    aligned = pred * scale.view(-1, 1, 1, 1) + shift.view(-1, 1, 1, 1)  # (B, 1, H, W)
+    return aligned.clamp(0, 1).to(torch.float32)
+
+
+def depth_aligned_sums(preds: torch.Tensor, target: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sums (4,) over a batch after `align_depth`, all over valid pixels (g > 0.01): [valid pixels, squared error,
+    AbsRel, delta1 hits]; preds raw (B, 1, H, W), target in [0, 1] (B, 1, H, W)."""
+    dtype = dtype or sum_dtype(target.device)
+    aligned = align_depth(preds, target)
+    truth = target.detach().float()
+    valid = truth > DEPTH_VALID_MIN
+    safe_truth = torch.where(valid, truth, torch.ones_like(truth))
+    error = torch.where(valid, aligned - truth, torch.zeros_like(truth))
+    ratio = torch.maximum(aligned / safe_truth, safe_truth / aligned.clamp_min(1e-12))
+    return torch.stack(
+        [
+            valid.sum().to(dtype),
+            error.square().sum(dtype=dtype),
+            (error.abs() / safe_truth).sum(dtype=dtype),
+            (valid & (ratio < DELTA1_RATIO)).sum().to(dtype),
+        ]
+    )
+
+
+def depth_absrel_aligned(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar >= 0: mean |a - g| / g over pixels with g > 0.01, a = `align_depth(preds, target)`; nan if none."""
+    sums = depth_aligned_sums(preds, target)
+    return sums[2] / sums[0]
+
+
+def depth_delta1_aligned(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar in [0, 1]: share of pixels with g > 0.01 where max(a/g, g/a) < 1.25, a = `align_depth(preds, target)`."""
+    sums = depth_aligned_sums(preds, target)
+    return sums[3] / sums[0]
+
+
+def depth_rmse_aligned(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar >= 0: sqrt of the mean squared error over pixels with g > 0.01, a = `align_depth(preds, target)`."""
+    sums = depth_aligned_sums(preds, target)
+    return torch.sqrt(sums[1] / sums[0])
+
+
 def depth_ssim_per_image(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """SSIM (B,) in [-1, 1] of preds clamped to [0, 1] vs target (B, 1, H, W) in [0, 1]."""
     return ssim(preds.detach().float().clamp(0, 1), target.detach().float(), data_range=1.0)
@@ -187,6 +260,9 @@ DEPTH_FIELDS = (
     "ssim_sum",
     "scaled_squared_error",
     "scaled_delta1_hits",
+    "aligned_squared_error",
+    "aligned_absrel_sum",
+    "aligned_delta1_hits",
 )
 
 
@@ -228,6 +304,7 @@ class Metrics:
             parts.append(depth_sums(preds, depth, dtype=dtype))
             parts.append(depth_ssim_per_image(preds, depth).sum().to(dtype).view(1))
             parts.append(depth_sums(scale_to_truth(preds, depth), depth, dtype=dtype)[[1, 5]])
+            parts.append(depth_aligned_sums(preds, depth, dtype=dtype)[1:])  # its valid pixels: valid_pixels
         self.totals += torch.cat(parts)
 
     def compute(self) -> dict[str, float]:
@@ -254,5 +331,8 @@ class Metrics:
                 depth_ssim=ratio(t["ssim_sum"], samples),
                 depth_rmse_scaled=math.sqrt(ratio(t["scaled_squared_error"], t["pixels"])),
                 depth_delta1_scaled=ratio(t["scaled_delta1_hits"], t["valid_pixels"]),
+                depth_rmse_aligned=math.sqrt(ratio(t["aligned_squared_error"], t["valid_pixels"])),
+                depth_absrel_aligned=ratio(t["aligned_absrel_sum"], t["valid_pixels"]),
+                depth_delta1_aligned=ratio(t["aligned_delta1_hits"], t["valid_pixels"]),
             )
         return result

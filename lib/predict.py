@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="folder for the outputs (default predictions/)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--no-figure", action="store_true", help="skip the side-by-side figure")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
 
 

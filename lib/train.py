@@ -1,9 +1,12 @@
 """Train MaskNet or DepthNet on MODEST-format data; safe across interruptions.
 
-    python -m lib.train                       # the demo: synthetic data, DepthNet, CPU-friendly, runs/demo
-    python -m lib.train --model depthnet --data modest --image-size 224 --epochs 12 --out /content/drive/MyDrive/run
-    python -m lib.train --out runs/x --resume # continue runs/x/last.pt as if never interrupted
+    python -m lib.train                       # recipe demo: synthetic data, DepthNet, CPU-friendly, runs/demo
+    python -m lib.train --recipe original --out /content/drive/MyDrive/run   # the 2020 recipe on MODEST, 224 px
+    python -m lib.train --out runs/x --resume # continue runs/x/last.pt with its own settings, as if never interrupted
     torchrun --nproc_per_node=2 -m lib.train ...   # DistributedDataParallel, ranks from torchrun's variables
+
+The recipes (RECIPES below: `original`, `demo`) hold the settings; flags change one of them. Without --recipe,
+synthetic data (the default) gets `demo`, and `--data modest` or a path gets `original`.
 
 Under torchrun, --batch-size is per process (global batch = batch_size x processes; --lr is not scaled) and
 each epoch's shuffled train split is dealt out across the ranks; the train loss is averaged over every rank's
@@ -36,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-from .data import ModestDataset, default_device, make_loader
+from .data import LOADERS, ModestDataset, default_device, make_loader, make_loaders
 from .errors import UserError, run_cli
 from .losses import DEFAULT_LOSS, make_loss, valid_losses
 from .metrics import Metrics
@@ -48,8 +51,9 @@ DEMO_DATA = dict(size=64, backgrounds=100, foregrounds=12, placements=1, seed=0)
 
 @dataclasses.dataclass
 class Config:
-    """Everything a run needs; saved into every checkpoint (defaults: the original recipe)."""
+    """Everything a run needs; saved into every checkpoint (defaults: the original recipe; see RECIPES)."""
 
+    recipe: str = "custom"  # the RECIPES entry make_config started from ("custom": built by hand)
     model: str = "depthnet"
     data: str = "synthetic"
     epochs: int = 12
@@ -66,6 +70,7 @@ class Config:
     val_fraction: float = 0.3
     seed: int = 1
     augment: bool = True
+    reshoot: bool = False  # re-shoot bg in training (lib.augment's "train" level); the original recipe does not
     amp: bool = True  # bf16 where supported, else fp16 + GradScaler; CUDA only
     channels_last: bool = True  # CUDA and CPU (measured faster on both); not MPS
     compile: bool = False
@@ -77,6 +82,73 @@ class Config:
     max_train_samples: int | None = None  # per epoch; None = the whole train split
     log_every: int = 20
     out: str = "runs/demo"
+    device: str = "auto"  # auto (LIB_DEVICE, else cuda, mps, cpu) | cpu | cuda | mps
+
+
+# The named recipes, the one place their settings live. A dict value is per model (loss) or per optimizer
+# (weight decay); make_config picks the entry for the run. Every other setting: Config's default.
+RECIPES: dict[str, dict] = {
+    "original": dict(  # the 2020 recipe: SGD on MODEST at 224 px
+        data="modest",
+        epochs=12,
+        batch_size=32,
+        image_size=224,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-8,
+        scheduler="none",
+        loss={"masknet": "bce", "depthnet": "bce_rmse"},
+        reshoot=False,
+    ),
+    "demo": dict(  # five minutes on a laptop CPU: synthetic 64 px scenes, AdamW with a one-cycle schedule
+        data="synthetic",
+        epochs=5,
+        batch_size=8,
+        image_size=64,
+        optimizer="adamw",
+        lr=2e-3,
+        weight_decay={"adamw": 1e-4, "sgd": 1e-8},  # AdamW's decay would be far too strong for SGD
+        scheduler="onecycle",
+        loss={"masknet": "bce_lovasz", "depthnet": "bce_lovasz_rmse"},  # the Lovasz hinge lifts IoU within minutes
+        reshoot=True,
+    ),
+}
+# Settings that say how and where a run executes, not what it learns: a resumed run may change them.
+RUN_SETTINGS = ("epochs", "out", "data", "workers", "ahead", "skip_bad_samples", "log_every", "loader", "data_mode")
+RUN_SETTINGS += ("compile", "device")
+
+
+def make_config(recipe: str = "demo", **overrides) -> Config:
+    """The Config of a named recipe (see RECIPES), with `overrides` (Config field names) applied."""
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    fields = {f.name for f in dataclasses.fields(Config)} - {"recipe"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UserError(f"make_config: no setting named {', '.join(unknown)} (Config has {', '.join(sorted(fields))})")
+    settings = {**RECIPES[recipe], **overrides}
+    model = settings.get("model", Config.model)
+    optimizer = settings.get("optimizer", Config.optimizer)
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            settings[key] = value[model] if model in value else value.get(optimizer, getattr(Config, key))
+    return Config(recipe=recipe, **settings)
+
+
+def format_recipe(cfg: Config) -> str:
+    """One line: the recipe's name, what was changed from it, and the settings that shape the run."""
+    changed = ""
+    if cfg.recipe in RECIPES:
+        base = make_config(cfg.recipe, model=cfg.model)
+        diff = [f"{f}={getattr(cfg, f)}" for f in RECIPES[cfg.recipe] if getattr(cfg, f) != getattr(base, f)]
+        changed = f" (changed: {', '.join(diff)})" if diff else ""
+    return (
+        f"recipe {cfg.recipe}{changed}: {cfg.model} on {cfg.data} | {cfg.epochs} epochs, batch {cfg.batch_size}, "
+        f"{cfg.image_size or 'native'} px | {cfg.optimizer} lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, "
+        f"scheduler {cfg.scheduler} | loss {cfg.loss or DEFAULT_LOSS[cfg.model]} | reshoot {'on' if cfg.reshoot else 'off'}"
+        f" | seed {cfg.seed}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- interruption
@@ -252,8 +324,11 @@ def train_one_epoch(
     log_every: int = 20,
     progress=None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns {'train_loss', 'samples', 'seconds'}. Reads the device only every `log_every` steps."""
+    """One pass over `loader`, then one step of a per-epoch `scheduler`; returns {'train_loss', 'samples', 'seconds',
+    'lr'} (lr: at the first step). Reads the device only every `log_every` steps."""
     model.train()
+    lr = optimizer.param_groups[0]["lr"]
+    _reseed_augment(loader)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     iou_metrics = Metrics(device, with_depth=False)
     samples, start = 0, time.perf_counter()
@@ -283,7 +358,22 @@ def train_one_epoch(
     loss_total, count = totals.tolist()
     if not math.isfinite(loss_total):
         raise NonFiniteLoss(loss_total)
-    return {"train_loss": loss_total / max(count, 1), "samples": int(count), "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    if scheduler is not None and not getattr(scheduler, "per_step", False):
+        scheduler.step()
+    return {"train_loss": loss_total / max(count, 1), "samples": int(count), "seconds": seconds, "lr": lr}
+
+
+def _reseed_augment(loader) -> None:
+    """Seed in-process augmentation from torch's RNG, once per epoch.
+
+    Worker threads and processes reseed from torch's RNG themselves; augmentation in this process would
+    otherwise keep its own random state, which no checkpoint holds: a resumed run would draw differently.
+    """
+    seed = int(torch.randint(2**31 - 1, ()).item())  # drawn always, so the RNG stream is the same for any loader
+    augment = getattr(getattr(loader, "dataset", None), "augment", None)
+    if augment is not None and hasattr(augment, "set_random_seed"):
+        augment.set_random_seed(seed + 7919 * (dist.get_rank() if dist.is_initialized() else 0))
 
 
 class NonFiniteLoss(Exception):
@@ -467,15 +557,171 @@ def validate_config(cfg: Config) -> None:
         raise UserError(f"--loss {name!r} does not fit {cfg.model}: choose one of {', '.join(valid_losses(cfg.model))}")
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for `--device`: auto is $LIB_DEVICE if set, else cuda, then mps, then cpu."""
+    if name == "auto":
+        return torch.device(os.environ.get("LIB_DEVICE") or default_device())
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU here (leave --device out to use the best available)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(
+            "--device mps: this torch has no usable Apple GPU (leave --device out to use the best available)"
+        )
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device must be auto, cpu, cuda or mps, not {name!r}")
+    return torch.device(name)
+
+
+def interactive_output(stream=None) -> bool:
+    """True when a progress bar can redraw in place: a terminal, or a Jupyter kernel (not a log file)."""
+    stream = sys.stderr if stream is None else stream
+    if "IPython" in sys.modules:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if getattr(shell, "kernel", None) is not None:  # Jupyter and Colab kernels; not the terminal IPython
+            return True
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random: the model's initial weights and the first epoch's draws follow from it."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _model_name(model: nn.Module) -> str:
+    inner = unwrap_model(model)
+    return next((name for name, cls in MODELS.items() if isinstance(inner, cls)), type(inner).__name__)
+
+
+def config_from_checkpoint(state: dict) -> Config:
+    """The Config a checkpoint was trained with (settings added since it was written take their defaults)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in state["config"].items() if k in known})
+
+
+def resume_run(
+    out: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None, scaler=None
+) -> tuple[list[dict], float, int]:
+    """Load OUT/last.pt into the objects (and the RNGs) and return (history, best_val_loss, start_epoch);
+    ([], inf, 1) when there is none. UserError naming the file when it holds the other model."""
+    path = Path(out) / "last.pt"
+    if not path.is_file():
+        return [], math.inf, 1
+    state = load_checkpoint(path, expect_model=_model_name(model))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        remove_stale_temp_files(path.parent)
+    unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return state["history"], state["best_val_loss"], state["epoch"] + 1
+
+
+def make_epoch_record(epoch: int, train: dict, val: dict, lr: float | None = None) -> dict:
+    """One history entry from `train_one_epoch`'s and `evaluate`'s results (lr: default, the epoch's first)."""
+    return {
+        "epoch": epoch,
+        "train_loss": train["train_loss"],
+        "val_loss": val["val_loss"],
+        "lr": train["lr"] if lr is None else lr,
+        "seconds": round(train["seconds"], 2),
+        "samples_per_s": round(train["samples"] / max(train["seconds"], 1e-9), 1),
+        **{k: v for k, v in val.items() if k != "val_loss"},
+    }
+
+
+def save_epoch(
+    out: str | os.PathLike,
+    cfg: Config,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler,
+    history: list[dict],
+    best_val_loss: float,
+    improved: bool,
+) -> None:
+    """Checkpoint the epoch: best.pt (when `improved`), then last.pt, then history.json, each atomically."""
+    out = Path(out)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": dataclasses.asdict(cfg),
+        "epoch": epoch,
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "history": history,
+        "best_val_loss": best_val_loss,
+        "rng": _rng_state(),
+    }
+    # best.pt first: last.pt claims this epoch's best, so a kill between the two must leave the older last.pt,
+    # whose resume redoes the epoch and writes best.pt again
+    if improved:
+        save_checkpoint(out / "best.pt", state)
+    save_checkpoint(out / "last.pt", state)
+    write_history(out / "history.json", history)
+
+
+def format_epoch(record: dict, improved: bool) -> str:
+    """One line for an epoch: losses, IoU (and depth RMSE, delta1), speed, and *best when it improved."""
+    parts = [
+        f"epoch {record['epoch']:>3}",
+        f"train {record['train_loss']:.4f}",
+        f"val {record['val_loss']:.4f}",
+        f"IoU {record['mask_iou']:.4f}",
+    ]
+    if "depth_rmse" in record:
+        parts += [f"RMSE {record['depth_rmse']:.4f}", f"d1 {record['depth_delta1']:.3f}"]
+    parts += [f"{record['samples_per_s']:.0f} samples/s", f"{record['seconds']:.0f}s"]
+    return " | ".join(parts) + (" *best" if improved else "")
+
+
+def _check_resume(cfg: Config, state: dict, path: Path) -> Config:
+    """The resumed run's Config: the checkpoint's recipe, with only RUN_SETTINGS taken from `cfg`."""
+    saved = config_from_checkpoint(state)
+    if cfg.model != saved.model:
+        raise UserError(f"{path}: holds a {saved.model} checkpoint, but --model is {cfg.model}")
+    for field in dataclasses.fields(Config):
+        mine, theirs = getattr(cfg, field.name), getattr(saved, field.name)
+        if field.name in (*RUN_SETTINGS, "recipe") or field.name not in state["config"]:
+            continue  # the recipe's name is a label; settings newer than the checkpoint have nothing to compare
+        if mine != theirs:
+            flag = "--" + field.name.replace("_", "-")
+            raise UserError(
+                f"{path}: the run was trained with {flag} {theirs}, not {mine}; a resumed run keeps its recipe "
+                "(leave the flag out, or start a new run with another --out)"
+            )
+    if saved.scheduler == "onecycle" and cfg.epochs != saved.epochs:
+        raise UserError(
+            f"{path}: its onecycle schedule was planned for {saved.epochs} epochs; resume with --epochs {saved.epochs}"
+        )
+    if state["epoch"] >= cfg.epochs:
+        raise UserError(f"{path}: already trained {state['epoch']} of {cfg.epochs} epochs; raise --epochs to go on")
+    return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RUN_SETTINGS})
+
+
 def fit(
     cfg: Config, data_root: str | os.PathLike | None = None, resume: bool = False, progress: bool = True
 ) -> list[dict]:
     """Train per `cfg` and return the history (one dict per epoch). Data from `data_root`, else from cfg.data through
-    `resolve_data` (the synthetic set rendered at cfg.image_size, MODEST downloaded, or a path)."""
+    `resolve_data` (the synthetic set rendered at cfg.image_size, MODEST downloaded, or a path).
+
+    The epoch loop is the one a notebook writes from the same parts (make_loaders, make_model, make_loss,
+    make_optimizer, make_scheduler, resume_run, train_one_epoch, evaluate, make_epoch_record, save_epoch,
+    format_epoch); what fit adds is torchrun, torch.compile, signals and the closing figures.
+    """
     from tqdm.auto import tqdm
 
     validate_config(cfg)
-    device = torch.device(os.environ.get("LIB_DEVICE") or default_device())
+    device = resolve_device(cfg.device)
     if cfg.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type != "cuda":
         raise UserError(f"--sync-bn needs CUDA GPUs (SyncBatchNorm has no {device.type} implementation); leave it out")
     ddp = init_distributed(device)
@@ -483,47 +729,22 @@ def fit(
         device = torch.device("cuda", ddp.local_rank)
         torch.cuda.set_device(device)
     out = Path(cfg.out)
-    state = None
     if resume:
-        state = load_checkpoint(out / "last.pt", expect_model=cfg.model)
-        saved = Config(**state["config"])
-        cfg = dataclasses.replace(
-            saved,
-            epochs=cfg.epochs,
-            out=cfg.out,
-            workers=cfg.workers,
-            ahead=cfg.ahead,
-            skip_bad_samples=cfg.skip_bad_samples,
-            log_every=cfg.log_every,
-        )
-        if saved.scheduler == "onecycle" and cfg.epochs != saved.epochs:
-            raise UserError(
-                f"{out / 'last.pt'}: its onecycle schedule was planned for {saved.epochs} epochs; "
-                f"resume with --epochs {saved.epochs}"
-            )
-        if state["epoch"] >= cfg.epochs:
-            raise UserError(
-                f"{out / 'last.pt'}: already trained {state['epoch']} of {cfg.epochs} epochs; raise --epochs to go on"
-            )
-        if ddp.rank == 0:
-            remove_stale_temp_files(out)
-    root = data_root if data_root is not None else resolve_data(cfg.data, progress and ddp.is_main, cfg.image_size)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    random.seed(cfg.seed)
+        cfg = _check_resume(cfg, load_checkpoint(out / "last.pt", expect_model=cfg.model), out / "last.pt")
+    bars = progress and ddp.is_main and interactive_output()  # in a log file, the epoch lines are the progress
+    root = data_root if data_root is not None else resolve_data(cfg.data, bars, cfg.image_size)
+    seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    dataset = ModestDataset(root, "all", cfg.image_size, False, cfg.val_fraction, cfg.split_by, cfg.seed)
-    train_set, val_set = dataset.subset("train", cfg.augment), dataset.subset("val")
-    if len(train_set) == 0 or len(val_set) == 0:
-        raise UserError(f"{root}: too few samples to split into train and val ({len(dataset)})")
-    train_sampler = EpochSampler(len(train_set), cfg.seed, cfg.max_train_samples, ddp.rank, ddp.world_size)
-    val_sampler = ShardSampler(len(val_set), ddp.rank, ddp.world_size) if ddp.enabled else None
-    common = dict(
-        batch_size=cfg.batch_size,
+    model = make_model(cfg.model)  # right after seeding, before the loaders: as the notebooks build it
+    if cfg.sync_bn and ddp.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    channels_last = cfg.channels_last and device.type in ("cuda", "cpu")
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    loader_settings = dict(
         num_workers=cfg.workers,
         device=device,
         skip_bad_samples=cfg.skip_bad_samples,
@@ -531,33 +752,43 @@ def fit(
         data_mode=cfg.data_mode,
         ahead=cfg.ahead,
     )
-    train_loader = make_loader(
-        train_set, shuffle=False, sampler=train_sampler, drop_last=len(train_sampler) > cfg.batch_size, **common
+    train_loader, val_loader = make_loaders(
+        root,
+        batch_size=cfg.batch_size,
+        image_size=cfg.image_size,
+        augment=cfg.augment,
+        reshoot=cfg.reshoot,
+        split_by=cfg.split_by,
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        **loader_settings,
     )
-    val_loader = make_loader(val_set, shuffle=False, sampler=val_sampler, **common)
+    train_set, val_set = train_loader.dataset, val_loader.dataset
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise UserError(f"{root}: too few samples to split into train and val ({len(train_set) + len(val_set)})")
+    if ddp.enabled or cfg.max_train_samples is not None:
+        # torchrun: every rank takes its share of one permutation per (seed, epoch); a cap: that many per epoch
+        sampler = EpochSampler(len(train_set), cfg.seed, cfg.max_train_samples, ddp.rank, ddp.world_size)
+        train_loader = make_loader(
+            train_set,
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            sampler=sampler,
+            drop_last=len(sampler) > cfg.batch_size,
+            **loader_settings,
+        )
+    if ddp.enabled:
+        val_sampler = ShardSampler(len(val_set), ddp.rank, ddp.world_size)
+        val_loader = make_loader(
+            val_set, batch_size=cfg.batch_size, shuffle=False, sampler=val_sampler, **loader_settings
+        )
 
-    model = make_model(cfg.model)
-    if cfg.sync_bn and ddp.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = cfg.channels_last and device.type in ("cuda", "cpu")
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    loss_fn = make_loss(cfg.loss or DEFAULT_LOSS[cfg.model], cfg.model)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
     amp_dtype = autocast_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    loss_fn = make_loss(cfg.loss or DEFAULT_LOSS[cfg.model], cfg.model)
-    history: list[dict] = []
-    best = math.inf
-    start_epoch = 1
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        history, best, start_epoch = state["history"], state["best_val_loss"], state["epoch"] + 1
-        _set_rng_state(state["rng"])
+    history, best, start_epoch = resume_run(out, model, optimizer, scheduler, scaler) if resume else ([], math.inf, 1)
     train_model = model
     if ddp.enabled:
         train_model = nn.parallel.DistributedDataParallel(
@@ -569,6 +800,7 @@ def fit(
     log = print if ddp.is_main else (lambda *a, **k: None)
     if ddp.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        log(format_recipe(cfg), flush=True)
         log(
             f"{cfg.model}: {count_parameters(model):,} parameters | {len(train_set):,} train / {len(val_set):,} val samples "
             f"at {cfg.image_size or 'native'} px | device {device}{' x' + str(ddp.world_size) if ddp.enabled else ''}"
@@ -579,19 +811,15 @@ def fit(
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            train_sampler.set_epoch(epoch)
-            if (
-                train_set.augment is not None
-            ):  # in-process loading; worker processes and the thread loader reseed from the torch RNG
-                train_set.augment.set_random_seed(cfg.seed * 100_003 + epoch + 7919 * ddp.rank)
+            if isinstance(train_loader.sampler, EpochSampler):
+                train_loader.sampler.set_epoch(epoch)
             bar = tqdm(
                 total=len(train_loader) + len(val_loader),
                 desc=f"epoch {epoch}/{cfg.epochs}",
                 leave=False,
-                disable=not (progress and ddp.is_main),
+                disable=not bars,
                 dynamic_ncols=True,
             )
-            lr = optimizer.param_groups[0]["lr"]
             train = train_one_epoch(
                 train_model,
                 train_loader,
@@ -605,8 +833,6 @@ def fit(
                 log_every=cfg.log_every,
                 progress=bar,
             )
-            if scheduler is not None and not getattr(scheduler, "per_step", False):
-                scheduler.step()
             if ddp.enabled:  # each rank's BatchNorm statistics are its own: evaluate rank 0's, the ones saved
                 for buffer in model.buffers():
                     dist.broadcast(buffer, 0)
@@ -614,43 +840,20 @@ def fit(
                 model, val_loader, loss_fn, device, amp_dtype=amp_dtype, channels_last=channels_last, progress=bar
             )
             bar.close()
+            record = make_epoch_record(epoch, train, val)
             skipped = train_loader.skipped + val_loader.skipped
             if ddp.enabled:  # every rank's skipped samples, listed by rank 0
                 gathered: list = [None] * ddp.world_size
                 dist.all_gather_object(gathered, skipped)
                 skipped = [item for part in gathered for item in part]
-            record = {
-                "epoch": epoch,
-                "train_loss": train["train_loss"],
-                "val_loss": val.pop("val_loss"),
-                "lr": lr,
-                "seconds": round(train["seconds"], 2),
-                "samples_per_s": round(train["samples"] / train["seconds"], 1),
-                **val,
-            }
             if skipped:
                 record["skipped"] = [name for name, _ in skipped]
             history.append(record)
             improved = record["val_loss"] < best
             best = min(best, record["val_loss"])
             if ddp.is_main:
-                ckpt = {
-                    "format": CHECKPOINT_FORMAT,
-                    "config": dataclasses.asdict(cfg),
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "history": history,
-                    "best_val_loss": best,
-                    "rng": _rng_state(),
-                }
-                save_checkpoint(out / "last.pt", ckpt)
-                if improved:
-                    save_checkpoint(out / "best.pt", ckpt)
-                write_history(out / "history.json", history)
-                log(_summary(record, improved), flush=True)
+                save_epoch(out, cfg, epoch, model, optimizer, scheduler, scaler, history, best, improved)
+                log(format_epoch(record, improved), flush=True)
                 if skipped:
                     log(
                         f"  skipped {len(skipped)} bad sample(s) this epoch: " + "; ".join(m for _, m in skipped[:5]),
@@ -685,19 +888,6 @@ def write_history(path: Path, history: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(history, indent=1) + "\n")
     os.replace(tmp, path)
-
-
-def _summary(record: dict, improved: bool) -> str:
-    parts = [
-        f"epoch {record['epoch']:>3}",
-        f"train {record['train_loss']:.4f}",
-        f"val {record['val_loss']:.4f}",
-        f"IoU {record['mask_iou']:.4f}",
-    ]
-    if "depth_rmse" in record:
-        parts += [f"RMSE {record['depth_rmse']:.4f}", f"d1 {record['depth_delta1']:.3f}"]
-    parts += [f"{record['samples_per_s']:.0f} samples/s", f"{record['seconds']:.0f}s"]
-    return " | ".join(parts) + (" *best" if improved else "")
 
 
 def write_figures(
@@ -765,48 +955,87 @@ def _one_at_a_time(folder: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _recipe_default(field: str) -> str:
+    """'demo 5, original 12': a setting's value in each recipe, for --help."""
+    values = []
+    for name, recipe in RECIPES.items():
+        value = recipe.get(field, getattr(Config, field))
+        if isinstance(value, dict):
+            value = " / ".join(f"{v} ({k})" for k, v in value.items())
+        values.append(f"{name} {value}")
+    return "default: the recipe's: " + "; ".join(values)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The train command's arguments (defaults: the CPU demo on synthetic data)."""
+    """The train command's arguments; a setting left out comes from the recipe (or, on --resume, from the run)."""
     p = argparse.ArgumentParser(
         prog="python -m lib.train",
         description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Settings not given come from the recipe (see RECIPES in lib/train.py); with --resume, from the run.",
     )
     p.add_argument(
-        "--model", default=None, help="masknet or depthnet (default depthnet; on --resume, the checkpoint's)"
+        "--recipe",
+        choices=list(RECIPES),
+        default=None,
+        help="named settings (default: demo for synthetic data, original for modest or a path; on --resume, the run's)",
     )
-    p.add_argument("--data", default="synthetic", help="synthetic, modest, or a MODEST folder/zip")
-    p.add_argument("--epochs", type=int, default=None, help="default 12; 5 for the synthetic demo")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32; 8 for the synthetic demo")
+    p.add_argument("--model", choices=list(MODELS), default=None, help="default depthnet; on --resume, the run's")
+    p.add_argument(
+        "--data", default=None, help="synthetic, modest, or a MODEST folder/zip (default: the recipe's, else synthetic)"
+    )
+    p.add_argument("--epochs", type=int, default=None, help=_recipe_default("epochs"))
+    p.add_argument("--batch-size", type=int, default=None, help=_recipe_default("batch_size"))
     p.add_argument(
         "--image-size",
         type=int,
         default=None,
-        help="resize to this side (the synthetic set is rendered at it); default 224, 64 for the demo",
+        help="resize to this side (the synthetic set is rendered at it); " + _recipe_default("image_size"),
     )
-    p.add_argument("--lr", type=float, default=None, help="default 0.1 (SGD)")
-    p.add_argument("--optimizer", default=None, help="sgd (the original recipe) or adamw")
-    p.add_argument("--scheduler", default=None, help="none, onecycle or cosine")
-    p.add_argument("--weight-decay", type=float, default=None, help="default 1e-8 (SGD); 1e-4 for the synthetic demo")
+    p.add_argument("--lr", type=float, default=None, help=_recipe_default("lr"))
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help=_recipe_default("optimizer"))
     p.add_argument(
-        "--loss",
+        "--scheduler", choices=("none", "onecycle", "cosine"), default=None, help=_recipe_default("scheduler")
+    )
+    p.add_argument("--weight-decay", type=float, default=None, help=_recipe_default("weight_decay"))
+    p.add_argument("--loss", choices=valid_losses("depthnet"), default=None, help=_recipe_default("loss"))
+    p.add_argument(
+        "--reshoot",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="default bce (masknet) / bce_rmse (depthnet); for the synthetic demo bce_lovasz / bce_lovasz_rmse",
+        help=_recipe_default("reshoot"),
     )
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: one per core, at most 8)")
-    p.add_argument("--split-by", default="sample", help="sample (the original 70/30) or background (unseen rooms)")
-    p.add_argument("--max-train-samples", type=int, default=None, help="cap the samples per epoch")
-    p.add_argument("--out", default="runs/demo", help="run folder (on Colab: a Drive folder)")
-    p.add_argument("--resume", action="store_true", help="continue OUT/last.pt")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--no-amp", action="store_true", help="fp32 even on CUDA")
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
-    p.add_argument("--skip-bad-samples", action="store_true", help="leave out unreadable samples and list them")
-    p.add_argument("--loader", default="auto", help="threads (the default) or processes")
     p.add_argument(
-        "--data-mode", default="auto", help="cpu or gpu: where decoding and augmentation run (auto: gpu on CUDA)"
+        "--split-by",
+        choices=("sample", "background"),
+        default=None,
+        help="sample (the original 70/30; the default) or background (unseen rooms)",
+    )
+    p.add_argument("--max-train-samples", type=int, default=None, help="cap the samples per epoch (default: all)")
+    p.add_argument("--out", default=None, help=f"run folder (default {Config.out}; on Colab: a Drive folder)")
+    p.add_argument("--resume", action="store_true", help="continue OUT/last.pt with the run's own settings")
+    p.add_argument("--seed", type=int, default=None, help=f"default {Config.seed}")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda", "mps"),
+        default=None,
+        help="default auto: $LIB_DEVICE if set, else cuda, then mps, then cpu",
+    )
+    p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="fp32 even on CUDA")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="no augmentation")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
+    p.add_argument(
+        "--skip-bad-samples", action="store_true", default=None, help="leave out unreadable samples and list them"
+    )
+    p.add_argument(
+        "--loader", choices=LOADERS, default=None, help="who fills batches: threads (auto's choice) or processes"
+    )
+    p.add_argument(
+        "--data-mode",
+        choices=("auto", "cpu", "gpu"),
+        default=None,
+        help="where decoding and augmentation run (default auto: gpu on CUDA, else cpu)",
     )
     p.add_argument(
         "--ahead",
@@ -814,50 +1043,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="batches a background thread prepares on the device during the step (default 2 on CUDA, 0 elsewhere; 0: between steps)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (in a log file there are none anyway)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
 
 
-DEMO = dict(epochs=5, batch_size=8, image_size=64, optimizer="adamw", lr=2e-3, scheduler="onecycle", weight_decay=1e-4)
-DEMO_LOSS = {"depthnet": "bce_lovasz_rmse", "masknet": "bce_lovasz"}  # the Lovasz hinge lifts IoU within minutes
-
-
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Config from parsed arguments; the synthetic demo gets its CPU-friendly recipe unless told otherwise."""
-    model = args.model or "depthnet"
-    base = dict(DEMO, loss=DEMO_LOSS.get(model)) if args.data == "synthetic" else {}
-    given = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "image_size": args.image_size,
-        "lr": args.lr,
-        "optimizer": args.optimizer,
-        "scheduler": args.scheduler,
-        "loss": args.loss,
-    }
-    base.update({k: v for k, v in given.items() if v is not None})
-    if base.get("optimizer") == "sgd" and "weight_decay" in base and args.data == "synthetic":
-        base["weight_decay"] = Config.weight_decay
-    if args.weight_decay is not None:
-        base["weight_decay"] = args.weight_decay
-    return Config(
-        model=model,
-        data=args.data,
-        workers=args.workers,
-        split_by=args.split_by,
-        seed=args.seed,
-        amp=not args.no_amp,
-        augment=not args.no_augment,
-        compile=args.compile,
-        sync_bn=args.sync_bn,
-        skip_bad_samples=args.skip_bad_samples,
-        loader=args.loader,
-        data_mode=args.data_mode,
-        ahead=args.ahead,
-        max_train_samples=args.max_train_samples,
-        out=args.out,
-        **base,
-    )
+    """Config from parsed arguments: the recipe (or, on --resume, the run's checkpoint) with the flags given on top."""
+    fields = {f.name for f in dataclasses.fields(Config)} - {"recipe"}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if not args.resume:
+        recipe = args.recipe or ("demo" if args.data in (None, "synthetic") else "original")
+        return make_config(recipe, **given)
+    path = Path(args.out or Config.out) / "last.pt"
+    saved = config_from_checkpoint(load_checkpoint(path, expect_model=args.model))
+    if args.recipe is not None and args.recipe != saved.recipe:
+        raise UserError(
+            f"{path}: the run follows recipe {saved.recipe}, not {args.recipe}; leave --recipe out to resume it"
+        )
+    return dataclasses.replace(saved, **given)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -865,12 +1069,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     validate_config(cfg)
-    if args.resume:
-        saved = load_checkpoint(Path(cfg.out) / "last.pt", expect_model=args.model)["config"]
-        cfg = dataclasses.replace(cfg, model=saved["model"], epochs=args.epochs or saved["epochs"])
-    history = fit(
-        cfg, resume=args.resume, progress=not args.quiet
-    )  # fit resolves the data (the saved run's, on resume)
+    held = [p for p in (Path(cfg.out) / "best.pt", Path(cfg.out) / "last.pt") if p.exists()]
+    if held and not args.resume:  # never replace a run's checkpoints by starting over it
+        raise UserError(
+            f"{held[0]}: {cfg.out} holds a run; continue it with --resume, or start a new one with another --out"
+        )
+    history = fit(cfg, resume=args.resume, progress=not args.quiet)  # fit resolves the data (the run's, on resume)
     if history and int(os.environ.get("RANK", "0")) == 0:
         best = min(history, key=lambda r: r["val_loss"])
         print(
@@ -882,4 +1086,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))  # run_cli also turns Ctrl-C into exit code 130
+    sys.exit(run_cli(main))  # run_cli also turns Ctrl-C into exit code 130 (and reads --debug itself)

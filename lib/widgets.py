@@ -25,20 +25,50 @@ def pick_samples(dataset, count: int, seed: int = 0) -> list[dict]:
     return [dataset[i] for i in sorted(picks.tolist())]
 
 
-def choose_pair(val_set) -> tuple[np.ndarray, np.ndarray]:
-    """(bg, bg_fg) as HxWx3 uint8 RGB: two photos uploaded on Colab (empty scene, then with a person), else val_set[0]."""
+def choose_pair(val_set, upload: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(bg, bg_fg) as HxWx3 uint8 RGB: with `upload` on Colab, two photos the user picks, else val_set[0]'s pair."""
     from .colab import in_colab
     from .predict import read_rgb
 
     sample = val_set[0]
     bg_rgb, bg_fg_rgb = (sample[key].permute(1, 2, 0).numpy() for key in ("bg", "bg_fg"))  # (H, W, 3) uint8
-    if in_colab():
-        from google.colab import files  # only exists on Colab
+    if not (upload and in_colab()):
+        return bg_rgb, bg_fg_rgb
+    from google.colab import files  # only exists on Colab
 
-        chosen = [list(files.upload().keys()) for _ in ("bg", "bg_fg")]  # the empty scene, then the scene with a person
-        if all(chosen):
-            bg_rgb, bg_fg_rgb = read_rgb(chosen[0][0]), read_rgb(chosen[1][0])
-    return bg_rgb, bg_fg_rgb
+    chosen = []
+    for prompt in UPLOAD_PROMPTS:
+        print(prompt, flush=True)  # files.upload shows no title: say which photo this is
+        chosen.append(list(files.upload().keys()))
+    if not all(chosen):
+        print("no photo chosen: a validation pair stands in")
+        return bg_rgb, bg_fg_rgb
+    return read_rgb(chosen[0][0]), read_rgb(chosen[1][0])
+
+
+UPLOAD_PROMPTS = ("1/2: the empty scene (bg)", "2/2: the same scene with the person (bg_fg)")
+
+
+class LiveFigure:
+    """One figure in the notebook output that is redrawn in place (e.g. the curves after each epoch)."""
+
+    def __init__(self) -> None:
+        self.handle = None
+        self.draws = 0
+
+    def update(self, fig: Figure) -> None:
+        """Show `fig` in place of the previous one, and close it."""
+        from IPython.display import Image, display
+
+        try:
+            image = Image(data=figure_png(fig))
+        finally:
+            plt.close(fig)
+        if self.handle is None:
+            self.handle = display(image, display_id=True)  # None outside IPython: then nothing to update
+        else:
+            self.handle.update(image)
+        self.draws += 1
 
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:
@@ -135,6 +165,8 @@ METRIC_NAMES = {
     "depth_ssim": "depth SSIM",
     "depth_rmse_scaled": "depth RMSE, one scale per image fitted",
     "depth_delta1_scaled": "depth delta<1.25, one scale per image fitted",
+    "depth_absrel_aligned": "depth AbsRel, scale and shift per image fitted",
+    "depth_delta1_aligned": "depth delta<1.25, scale and shift per image fitted",
     "samples_per_s": "train samples/s",
     "seconds": "train seconds",
 }

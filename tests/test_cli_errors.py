@@ -215,8 +215,7 @@ def test_grayscale_background_is_not_an_error(copy, tmp_path):
             r"--image-size 48 does not work for depthnet: use a multiple of 32",
         ),
         (["--batch-size", "0"], r"--batch-size must be at least 1, not 0"),
-        (["--model", "unet"], r"--model must be one of masknet, depthnet, not 'unet'"),
-        (["--loss", "hinge"], r"--loss 'hinge' does not fit masknet"),
+        (["--loss", "bce_rmse"], r"--loss 'bce_rmse' does not fit masknet"),
         (["--lr", "-0.1"], r"--lr must be a positive number"),
         (["--workers", "-2"], r"--workers must be 0 or more"),
         (["--ahead", "-1"], r"--ahead must be 0 or more, not -1"),
@@ -225,8 +224,7 @@ def test_grayscale_background_is_not_an_error(copy, tmp_path):
         "negative_epochs",
         "depthnet_size",
         "batch_size_0",
-        "unknown_model",
-        "unknown_loss",
+        "depth_loss_for_masknet",
         "negative_lr",
         "workers",
         "ahead",
@@ -237,10 +235,66 @@ def test_nonsense_arguments_are_named(dataset, tmp_path, args, pattern):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_argument_of_the_wrong_type_is_an_argparse_error(dataset, tmp_path):
-    done = _train(dataset, tmp_path / "run", "--epochs", "two")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+        (["--model", "unet"], "argument --model: invalid choice: 'unet'"),
+        (["--loss", "hinge"], "argument --loss: invalid choice: 'hinge'"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ],
+    ids=["wrong_type", "unknown_model", "unknown_loss", "unknown_device"],
+)
+def test_argument_argparse_refuses_is_named(dataset, tmp_path, args, message):
+    done = _train(dataset, tmp_path / "run", *args)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "argument --epochs: invalid int value: 'two'" in done.stderr
+    assert message in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "command", [["-m", "lib.train"], ["-m", "lib.evaluate"], ["-m", "lib.predict"], ["data_download.py", "synthetic"]]
+)
+def test_help_shows_real_defaults_choices_and_debug(command):
+    done = _run([*command, "--help"])
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert "--debug" in text and "(default: None)" not in text
+    if command == ["-m", "lib.train"]:
+        for choices in ("{original,demo}", "{masknet,depthnet}", "{sgd,adamw}", "{none,onecycle,cosine}"):
+            assert choices in text
+        assert "{auto,threads,processes}" in text and "{auto,cpu,gpu}" in text and "{auto,cpu,cuda,mps}" in text
+        assert "original 12; demo 5" in text  # the recipes' epochs, in words
+
+
+def test_synthetic_download_asks_before_writing_gigabytes(tmp_path):
+    """The default sizes (400,000 samples) are refused without --yes, saying the count and size; nothing written."""
+    import data_download
+    from lib.errors import UserError
+
+    with pytest.raises(UserError, match=r"make 400,000 samples .*about 8\.\d GB.*add --yes"):
+        data_download.main(["synthetic", "--out", str(tmp_path / "big"), "--quiet"])
+    assert not (tmp_path / "big").exists()
+    done = _run(
+        [
+            "data_download.py",
+            "synthetic",
+            "--out",
+            str(tmp_path / "small"),
+            "--size",
+            "32",
+            "--backgrounds",
+            "1",
+            "--foregrounds",
+            "1",
+            "--placements",
+            "1",
+            "--quiet",
+        ]
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("writing 2 samples (1 backgrounds x 1 foregrounds x 2 placements")
+    assert done.stdout.splitlines()[-1].startswith("wrote 2 samples")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -482,3 +482,16 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_make_loaders_reshoots_the_training_bg_only_when_asked(tiny_modest):
+    from lib.augment import Augment
+
+    train, val = make_loaders(tiny_modest, batch_size=4, num_workers=0, device="cpu", image_size=32, reshoot=True)
+    assert isinstance(train.dataset.augment, Augment) and train.dataset.augment.reshoot.level == "train"
+    assert train.dataset.augment.shared is not None  # the shared flip and jitter stay
+    assert val.dataset.augment is None  # validation sees the pairs as they are
+    plain, _ = make_loaders(tiny_modest, batch_size=4, num_workers=0, device="cpu", image_size=32)
+    assert not isinstance(plain.dataset.augment, Augment)  # the default keeps the original augmentation
+    batch = next(iter(train))
+    assert batch["bg"].shape == (4, 3, 32, 32) and torch.isfinite(batch["bg"]).all()

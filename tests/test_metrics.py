@@ -10,11 +10,15 @@ from lib.errors import UserError
 from lib.losses import ssim
 from lib.metrics import (
     Metrics,
+    align_depth,
     classical_mask_baseline,
     depth_absrel,
+    depth_absrel_aligned,
     depth_delta1,
+    depth_delta1_aligned,
     depth_mae,
     depth_rmse,
+    depth_rmse_aligned,
     depth_ssim_per_image,
     mask_dice_per_image,
     mask_iou_per_image,
@@ -135,6 +139,49 @@ def test_scaled_depth_metrics_ignore_one_factor_per_image():
     assert torch.equal(scale_to_truth(torch.zeros(1, 1, 2, 2), truth[:1, :, :2, :2]), torch.zeros(1, 1, 2, 2))
 
 
+def numpy_aligned_depth(preds, depth):
+    """Independent reference: per image, lstsq of [p, 1] -> g over valid pixels; then RMSE, AbsRel, delta1 over
+    all valid pixels of the batch."""
+    p, g = preds.numpy().astype(np.float64), depth.numpy().astype(np.float64)
+    errors, rels, hits = [], [], []
+    for pi, gi in zip(p, g):
+        valid = gi > 0.01
+        design = np.stack([pi[valid], np.ones(valid.sum())], 1)
+        (scale, shift), *_ = np.linalg.lstsq(design, gi[valid], rcond=None)
+        a = np.clip(scale * pi[valid] + shift, 0, 1)
+        errors.append(a - gi[valid])
+        rels.append(np.abs(a - gi[valid]) / gi[valid])
+        with np.errstate(divide="ignore"):
+            hits.append(np.maximum(a / gi[valid], gi[valid] / a) < 1.25)
+    errors, rels, hits = np.concatenate(errors), np.concatenate(rels), np.concatenate(hits)
+    return np.sqrt((errors**2).mean()), rels.mean(), hits.mean()
+
+
+def test_aligned_depth_metrics_match_numpy_lstsq():
+    generator = torch.Generator().manual_seed(5)
+    truth = torch.rand(4, 1, 12, 10, generator=generator)
+    truth[truth < 0.1] = 0  # some invalid pixels: left out of the fit and of the metrics
+    preds = 3 * torch.randn(4, 1, 12, 10, generator=generator) - 1  # raw, far outside [0, 1]
+    preds = preds + 5 * truth  # some signal, so that the fit is not flat
+    rmse, absrel, delta1 = numpy_aligned_depth(preds, truth)
+    assert depth_rmse_aligned(preds, truth).item() == pytest.approx(rmse, rel=1e-6)
+    assert depth_absrel_aligned(preds, truth).item() == pytest.approx(absrel, rel=1e-6)
+    assert depth_delta1_aligned(preds, truth).item() == pytest.approx(delta1, rel=1e-9)
+    assert 0 < delta1 < 1  # the test case is not degenerate
+
+
+def test_aligned_depth_undoes_scale_and_shift_by_hand():
+    truth = torch.tensor([[0.2, 0.4], [0.6, 0.0]]).view(1, 1, 2, 2)  # one invalid pixel (0)
+    preds = 2 * truth + 1
+    preds[0, 0, 1, 1] = 50.0  # the invalid pixel's prediction must not enter the fit
+    assert depth_absrel_aligned(preds, truth).item() == pytest.approx(0, abs=1e-6)  # float32 rounding
+    assert depth_delta1_aligned(preds, truth).item() == 1.0
+    assert depth_rmse_aligned(preds, truth).item() == pytest.approx(0, abs=1e-6)
+    assert depth_absrel(preds, truth).item() > 0.5  # unaligned, the same prediction is far off
+    # a flat prediction cannot be scaled: it becomes the mean valid truth
+    torch.testing.assert_close(align_depth(torch.full_like(truth, 3.0), truth), torch.full_like(truth, 0.4))
+
+
 # ---------------------------------------------------------------- accumulator
 
 
@@ -182,6 +229,8 @@ def test_accumulated_metrics_equal_metrics_on_the_concatenated_batch():
         "depth_ssim": ssim(preds.clamp(0, 1), depth).mean().item(),
     }
     expected["depth_rmse_scaled"], expected["depth_delta1_scaled"] = numpy_scaled_depth(preds, depth)
+    aligned = numpy_aligned_depth(preds, depth)
+    expected["depth_rmse_aligned"], expected["depth_absrel_aligned"], expected["depth_delta1_aligned"] = aligned
     assert set(got) == set(expected)
     assert got["samples"] == 9
     for key, value in expected.items():

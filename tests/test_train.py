@@ -272,20 +272,219 @@ def test_resume_cleanup_removes_temp_files_of_dead_writers_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "last.pt"])
 
 
+def _cli_config(*argv: str) -> Config:
+    from lib.train import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_no_arguments_give_the_demo_exactly_as_before():
+    """`python -m lib.train` alone: the Config the demo had before recipes had names (literal values)."""
+    import dataclasses
+
+    demo = dataclasses.asdict(_cli_config())
+    assert (demo.pop("recipe"), demo.pop("reshoot"), demo.pop("device")) == ("demo", True, "auto")
+    assert demo == dict(
+        model="depthnet",
+        data="synthetic",
+        epochs=5,
+        batch_size=8,
+        image_size=64,
+        lr=2e-3,
+        momentum=0.9,
+        weight_decay=1e-4,
+        optimizer="adamw",
+        scheduler="onecycle",
+        loss="bce_lovasz_rmse",
+        workers=None,
+        split_by="sample",
+        val_fraction=0.3,
+        seed=1,
+        augment=True,
+        amp=True,
+        channels_last=True,
+        compile=False,
+        sync_bn=False,
+        skip_bad_samples=False,
+        loader="auto",
+        data_mode="auto",
+        ahead=None,
+        max_train_samples=None,
+        log_every=20,
+        out="runs/demo",
+    )
+
+
 def test_command_line_recipes():
-    """No arguments: the CPU demo's recipe; a path: the original recipe; flags override either."""
-    from lib.train import DEMO, build_parser, config_from_args
+    """Synthetic data: the demo; modest or a path: the original; --recipe chooses; flags override either."""
+    from lib.train import make_config
 
-    def cfg(*argv):
-        return config_from_args(build_parser().parse_args(list(argv)))
+    assert _cli_config("--model", "masknet").loss == "bce_lovasz"
+    original = _cli_config("--data", "some/folder")
+    assert (original.recipe, original.optimizer, original.lr, original.weight_decay, original.epochs) == (
+        "original",
+        "sgd",
+        0.1,
+        1e-8,
+        12,
+    )
+    assert (original.batch_size, original.image_size, original.loss, original.reshoot) == (32, 224, "bce_rmse", False)
+    assert _cli_config("--data", "modest").recipe == "original"
+    assert _cli_config("--recipe", "original").data == "modest"
+    assert _cli_config("--recipe", "demo", "--data", "x").batch_size == 8
+    assert _cli_config("--data", "some/folder", "--weight-decay", "1e-4").weight_decay == 1e-4
+    assert _cli_config("--optimizer", "sgd").weight_decay == 1e-8  # the demo's AdamW decay does not follow to SGD
+    assert _cli_config("--image-size", "128", "--epochs", "12").image_size == 128
+    assert _cli_config("--no-reshoot").reshoot is False and _cli_config("--data", "x", "--reshoot").reshoot is True
+    assert make_config("demo", model="masknet", epochs=2) == _cli_config("--model", "masknet", "--epochs", "2")
+    with pytest.raises(UserError, match="no setting named epoch"):
+        make_config("demo", epoch=3)
+    with pytest.raises(UserError, match="unknown recipe 'fast'"):
+        make_config("fast")
 
-    demo = cfg()
-    assert {k: getattr(demo, k) for k in DEMO} == DEMO and demo.loss == "bce_lovasz_rmse"
-    original = cfg("--data", "some/folder")
-    assert (original.optimizer, original.lr, original.weight_decay, original.epochs) == ("sgd", 0.1, 1e-8, 12)
-    assert cfg("--data", "some/folder", "--weight-decay", "1e-4").weight_decay == 1e-4
-    assert cfg("--optimizer", "sgd").weight_decay == 1e-8  # the demo's AdamW decay does not follow a switch to SGD
-    assert cfg("--image-size", "128", "--epochs", "12").image_size == 128
+
+def test_recipe_is_printed_and_saved(small_modest, tmp_path, capsys):
+    from lib.train import make_config
+
+    cfg = make_config("demo", epochs=1, image_size=32, workers=0, out=str(tmp_path))
+    fit(cfg, small_modest, progress=False)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("recipe demo (changed: epochs=1, image_size=32): depthnet") and "adamw lr 0.002" in first
+    assert load_checkpoint(tmp_path / "last.pt")["config"]["recipe"] == "demo"
+
+
+def test_the_notebook_loop_reproduces_fit(small_modest, tmp_path):
+    """The parts a notebook calls one by one give fit's numbers (demo recipe, two epochs, thread loader)."""
+    import math
+
+    import lib.train as train
+    from lib.data import make_loaders
+    from lib.losses import make_loss
+    from lib.models import make_model
+
+    cfg = train.make_config("demo", epochs=2, image_size=32, workers=2, out=str(tmp_path / "fit"), device="cpu")
+    expected = fit(cfg, small_modest, progress=False)
+
+    out = tmp_path / "notebook"
+    device = torch.device("cpu")
+    train.seed_everything(cfg.seed)
+    model = make_model(cfg.model).to(device, memory_format=torch.channels_last)  # built as the notebooks build it
+    train_loader, val_loader = make_loaders(
+        small_modest,
+        batch_size=cfg.batch_size,
+        image_size=cfg.image_size,
+        num_workers=cfg.workers,
+        device=device,
+        augment=cfg.augment,
+        reshoot=cfg.reshoot,
+        split_by=cfg.split_by,
+        seed=cfg.seed,
+    )
+    loss_fn = make_loss(cfg.loss, cfg.model)
+    optimizer = train.make_optimizer(cfg, model)
+    scheduler = train.make_scheduler(cfg, optimizer, len(train_loader))
+    history, best, start = train.resume_run(out, model, optimizer, scheduler)
+    assert (history, best, start) == ([], math.inf, 1)
+    for epoch in range(start, cfg.epochs + 1):
+        result = train.train_one_epoch(
+            model, train_loader, loss_fn, optimizer, device, scheduler=scheduler, channels_last=True
+        )
+        val = train.evaluate(model, val_loader, loss_fn, device, channels_last=True)
+        record = train.make_epoch_record(epoch, result, val)
+        history.append(record)
+        improved = record["val_loss"] < best
+        best = min(best, record["val_loss"])
+        train.save_epoch(out, cfg, epoch, model, optimizer, scheduler, None, history, best, improved)
+        print(train.format_epoch(record, improved))
+    assert len(history) == len(expected) == 2
+    for a, b in zip(expected, history):
+        for key in ("train_loss", "val_loss", "lr", "mask_iou", "depth_rmse"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    assert json.loads((out / "history.json").read_text()) == history
+    assert train.resume_run(out, make_model("depthnet"), optimizer)[2] == 3  # a finished run: the loop is empty
+    with pytest.raises(UserError, match="last.pt: holds a depthnet checkpoint, but --model is masknet"):
+        train.resume_run(out, make_model("masknet"), optimizer)
+
+
+@pytest.mark.parametrize("model", ["masknet", "depthnet"])
+def test_resume_from_the_command_line_needs_only_out(small_modest, tmp_path, monkeypatch, model):
+    """`python -m lib.train --out RUN --resume` takes the model, the recipe and the data from the checkpoint."""
+    from lib.train import main
+
+    monkeypatch.setenv("LIB_DEVICE", "cpu")
+    out = str(tmp_path / "run")
+    tiny = [
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--quiet",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "1e-3",
+    ]
+    assert main(["--model", model, "--data", str(small_modest), "--out", out, "--epochs", "1", *tiny]) == 0
+    assert main(["--out", out, "--resume", "--epochs", "2", "--quiet"]) == 0
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 2 and state["config"]["model"] == model
+    assert (state["config"]["recipe"], state["config"]["data"]) == ("original", str(small_modest))
+    assert state["config"]["batch_size"] == 8 and state["config"]["image_size"] == 32
+    with pytest.raises(UserError, match=r"trained with --lr 0\.001, not 0\.5; a resumed run keeps its recipe"):
+        main(["--out", out, "--resume", "--epochs", "3", "--lr", "0.5", "--quiet"])
+    with pytest.raises(UserError, match="follows recipe original, not demo"):
+        main(["--out", out, "--resume", "--epochs", "3", "--recipe", "demo", "--quiet"])
+
+
+def test_a_kill_between_best_and_last_leaves_a_run_whose_best_is_the_best(small_modest, tmp_path, monkeypatch):
+    """Kill an epoch that improved between its two checkpoint writes, resume: best.pt holds the best epoch."""
+    import lib.train as train
+
+    val_losses = {1: 3.0, 2: 1.0, 3: 2.0}  # epoch 2 improves; epoch 3, after the resume, does not
+    real_record, real_save = train.make_epoch_record, train.save_checkpoint
+
+    def record(epoch, result, val, lr=None):
+        return {**real_record(epoch, result, val, lr), "val_loss": val_losses[epoch]}
+
+    writes: list[str] = []
+
+    def save_then_die(path, state):
+        if state["epoch"] == 2 and len([w for w in writes if w.startswith("2:")]) == 1:
+            raise KeyboardInterrupt  # the second write of epoch 2, in whichever order the files come
+        writes.append(f"{state['epoch']}:{path.name}")
+        real_save(path, state)
+
+    monkeypatch.setattr(train, "make_epoch_record", record)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    cfg = _cfg(tmp_path, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, small_modest, progress=False)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert best["best_val_loss"] <= last["best_val_loss"]  # last.pt never claims a best that is not on disk
+    history = fit(cfg, small_modest, resume=True, progress=False)
+    assert [r["val_loss"] for r in history] == [3.0, 1.0, 2.0]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+
+
+def test_progress_in_a_log_file_is_one_line_per_epoch(small_modest, tmp_path, monkeypatch):
+    """stderr redirected to a file gets no progress bar redraws; stdout gets one line per epoch."""
+    from lib.train import interactive_output, main
+
+    class Terminal:
+        def isatty(self):
+            return True
+
+    assert interactive_output(Terminal()) and not interactive_output(open(tmp_path / "f", "w"))
+    monkeypatch.setenv("LIB_DEVICE", "cpu")
+    args = ["--data", str(small_modest), "--out", str(tmp_path / "run"), "--epochs", "2", "--image-size", "32"]
+    with open(tmp_path / "stderr.log", "w") as log:
+        monkeypatch.setattr(sys, "stderr", log)
+        assert main([*args, "--batch-size", "4", "--workers", "0", "--optimizer", "adamw", "--lr", "1e-3"]) == 0
+    text = (tmp_path / "stderr.log").read_text()
+    assert text.count("\r") == 0 and text.count("\n") <= 2, text[:500]
 
 
 def test_synthetic_data_is_rendered_at_the_run_size(tmp_path, monkeypatch):

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sys
+import types
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 
 from lib.data import ModestDataset
 from lib.models import make_model
 from lib.plots import plot_browser_sample
-from lib.widgets import Browser, make_browser, make_metrics_table
+from lib.widgets import Browser, LiveFigure, choose_pair, make_browser, make_metrics_table
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +94,91 @@ def test_metrics_table_reports_best_and_last_epoch():
     assert "| depth RMSE | 0.1500 | 0.1600 |" in lines
     assert not any("depth MAE" in line for line in lines)
     assert make_metrics_table([]).startswith("_no epochs")
+
+
+# ---------------------------------------------------------------------------------------------- Colab's ipywidgets
+
+
+def widget_tree(widget) -> list:
+    """`widget` and every widget it contains."""
+    return [widget, *[w for child in getattr(widget, "children", ()) for w in widget_tree(child)]]
+
+
+def test_browser_uses_only_core_widgets(val_set):
+    """Core controls only (in ipywidgets 7.7, Colab's, and 8.x): they render without a custom widget manager."""
+    import ipywidgets
+
+    core = {"@jupyter-widgets/controls", "@jupyter-widgets/output", "@jupyter-widgets/base"}
+    in_7_7 = {"VBox", "HBox", "IntSlider", "ToggleButton", "Output"}  # all present in ipywidgets 7.7.1
+    browser = make_browser(make_model("masknet"), val_set)
+    for widget in widget_tree(browser):
+        cls = ipywidgets.VBox if isinstance(widget, Browser) else type(widget)
+        assert cls.__name__ in in_7_7 and getattr(ipywidgets, cls.__name__) is cls, cls.__name__
+        assert widget._model_module in core and widget._view_module in core, cls.__name__
+
+
+def test_notebook_progress_bar_builds_with_this_ipywidgets():
+    """tqdm.auto's notebook bar is ipywidgets' FloatProgress + HTML: it must build with the installed version."""
+    from tqdm.notebook import tqdm as notebook_tqdm
+
+    bar = notebook_tqdm(total=3, desc="epoch 1/1", leave=False)
+    bar.update(2)
+    bar.set_postfix(loss="0.5")
+    bar.close()
+    assert bar.n == 2 and type(bar.container).__name__ in ("TqdmHBox", "HBox")
+
+
+# ---------------------------------------------------------------------------------------------- notebook helpers
+
+
+@pytest.fixture
+def fake_colab(monkeypatch):
+    """A stub google.colab whose files.upload hands out the queued answers (then {}: nothing chosen)."""
+    answers: list[dict] = []
+    package = types.ModuleType("google.colab")
+    package.files = types.SimpleNamespace(upload=lambda: answers.pop(0) if answers else {})
+    package.drive = types.SimpleNamespace(mount=lambda path: None)
+    monkeypatch.setitem(sys.modules, "google.colab", package)
+    return answers
+
+
+def test_choose_pair_never_waits_unless_asked(val_set, fake_colab):
+    fake_colab.append({"never.png": b""})
+    bg_rgb, bg_fg_rgb = choose_pair(val_set)
+    assert fake_colab, "UPLOAD = False must not open the upload dialog"
+    assert np.array_equal(bg_rgb, val_set[0]["bg"].permute(1, 2, 0).numpy())
+    assert bg_fg_rgb.shape == (64, 64, 3)
+
+
+def test_choose_pair_uploads_two_photos_in_order(val_set, fake_colab, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    for name, value in (("empty.png", 10), ("person.png", 200)):
+        Image.fromarray(np.full((40, 50, 3), value, np.uint8)).save(name)
+        fake_colab.append({name: b""})
+    bg_rgb, bg_fg_rgb = choose_pair(val_set, upload=True)
+    assert bg_rgb.shape == (40, 50, 3) and bg_rgb.max() == 10 and bg_fg_rgb.min() == 200
+    printed = capsys.readouterr().out
+    assert printed.index("1/2: the empty scene") < printed.index("2/2: the same scene with the person")
+
+
+def test_choose_pair_falls_back_when_nothing_is_chosen(val_set, fake_colab, capsys):
+    bg_rgb, _ = choose_pair(val_set, upload=True)
+    assert np.array_equal(bg_rgb, val_set[0]["bg"].permute(1, 2, 0).numpy())
+    assert "validation pair" in capsys.readouterr().out
+
+
+def test_live_figure_draws_once_then_updates_in_place(monkeypatch):
+    import IPython.display
+
+    shown, updated = [], []
+    handle = types.SimpleNamespace(update=lambda image: updated.append(image.data))
+    monkeypatch.setattr(IPython.display, "display", lambda image, display_id: shown.append(image.data) or handle)
+    live = LiveFigure()
+    for points in ([1, 2], [1, 2, 3]):
+        fig = plt.figure()
+        fig.add_subplot().plot(points)
+        live.update(fig)
+    assert len(shown) == 1 and len(updated) == 1 and shown[0] != updated[0] and live.draws == 2
+    assert plt.get_fignums() == []
