@@ -98,7 +98,7 @@ WEIGHTS = ROOT / "weights"  # shipped weights: weights/masknet.pt, weights/depth
 
 def find_modest_on_drive(drive: Path) -> Path | None:
     """The MODEST zip already on Drive: our download, the user's copy in MyDrive, or Drive's 'Copy of ...'; else None."""
-    from .download import REGISTRY
+    from tools.download import REGISTRY
 
     name = REGISTRY["modest"]["filename"]
     for path in (drive / DRIVE_DATA / name, drive / name, drive / f"Copy of {name}"):
@@ -119,7 +119,7 @@ def prepare_modest_on_colab(
 
     After a disconnect the local disk is empty again but Drive still holds the zip: it is copied, never downloaded.
     """
-    from .download import REGISTRY, DownloadFailed, DriveRefused, download_modest, get_modest
+    from tools.download import REGISTRY, DownloadFailed, DriveRefused, download_modest, get_modest
 
     on_drive = Path(source) if source is not None else find_modest_on_drive(drive)
     if on_drive is None:
@@ -153,7 +153,7 @@ def resolve_notebook_data(
 
     Off Colab, 'modest' uses data/'s verified zip and downloads 6.6 GB only when `download` is True.
     """
-    from .download import REGISTRY, read_stamp
+    from tools.download import REGISTRY, read_stamp
     from .errors import UserError
     from .train import resolve_data
 
