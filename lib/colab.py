@@ -154,6 +154,7 @@ def resolve_notebook_data(
     Off Colab, 'modest' uses data/'s verified zip and downloads 6.6 GB only when `download` is True.
     """
     from tools.download import REGISTRY, read_stamp
+
     from .errors import UserError
     from .train import resolve_data
 
