@@ -156,6 +156,17 @@ def evaluate_json(argv: list[str]) -> dict:
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run that trained all its epochs."""
+    import torch
+
+    last = run_dir / "last.pt"
+    if not last.exists():
+        return False
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    return state["epoch"] >= state["config"]["epochs"]
+
+
 def run(root: Path, seeds: list[int], models: list[str], out: Path, runs: Path, extra: list[str]) -> None:
     """Train the demo per (model, seed) unless its run exists, then evaluate on every set; append JSON lines."""
     sets = evaluation_sets(root)
@@ -167,7 +178,7 @@ def run(root: Path, seeds: list[int], models: list[str], out: Path, runs: Path, 
         for seed in seeds:
             run_dir = runs / f"{model}-s{seed}"
             train_seconds = None
-            if not (run_dir / "best.pt").exists():
+            if not finished(run_dir):
                 start = time.perf_counter()
                 cmd = [sys.executable, "-m", "lib.train", "--model", model, "--seed", str(seed)]
                 subprocess.run([*cmd, "--out", str(run_dir), "--quiet", *extra], cwd=ROOT, check=True)
