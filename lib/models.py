@@ -119,18 +119,17 @@ class DepthNet(nn.Module):
         self.encoder6 = Encoder(128, 256)
         self.encoder7 = Encoder(256, 512)
 
-        self.mask_decoder1 = Decoder(256, 128)
-        self.mask_decoder2 = Decoder(128, 64)
-        self.mask_decoder3 = Decoder(64, 32)
-        self.mask_decoder4 = Decoder(32, 16)
+        # Numbered attributes (not an nn.ModuleList): checkpoints and the shipped weights are keyed
+        # "mask_decoder1.*" ... "depth_decoder5.*", so the names must stay as they are.
+        self._add_decoders("mask_decoder", (256, 128, 64, 32, 16))  # mask_decoder1..4
         self.mask_head = nn.Conv2d(16, 1, kernel_size=1)
-
-        self.depth_decoder1 = Decoder(512, 256)
-        self.depth_decoder2 = Decoder(256, 128)
-        self.depth_decoder3 = Decoder(128, 64)
-        self.depth_decoder4 = Decoder(64, 32)
-        self.depth_decoder5 = Decoder(32, 16)
+        self._add_decoders("depth_decoder", (512, 256, 128, 64, 32, 16))  # depth_decoder1..5
         self.depth_head = nn.Conv2d(16, 1, kernel_size=1)
+
+    def _add_decoders(self, prefix: str, widths: tuple[int, ...]) -> None:
+        """Register Decoder(widths[i - 1], widths[i]) as `{prefix}{i}` for i = 1 .. len(widths) - 1."""
+        for i, (in_channels, out_channels) in enumerate(zip(widths, widths[1:]), start=1):
+            setattr(self, f"{prefix}{i}", Decoder(in_channels, out_channels))
 
     def forward(self, bg: torch.Tensor, bg_fg: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return {"mask": logits, "depth": depth}, each (B, 1, H, W), for normalised bg, bg_fg (B, 3, H, W)."""

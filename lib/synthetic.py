@@ -1017,26 +1017,23 @@ def _make_cloth(rng) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
 _ARM_POSES = ("hang", "hang", "hang", "hang", "open", "open", "hip", "raised", "out", "wave")
 
 
+# Per pose: the upper arm's range of angles, the forearm's, and whether the forearm's is relative to the upper arm.
+_ARM_RANGES = {
+    "hang": ((3, 10), (-4, 6), True),
+    "open": ((12, 35), (-5, 15), True),
+    "hip": ((30, 45), (-50, -30), False),
+    "raised": ((130, 175), (-15, 10), True),
+    "out": ((75, 100), (-10, 30), True),
+    "wave": ((50, 95), (150, 180), False),
+    "swing": ((-35, 35), (0, 30), True),  # seen side-on: forward or back
+}
+
+
 def _arm_angles(rng, pose) -> tuple[float, float]:
     """Upper-arm and forearm angles (degrees from hanging straight down, positive away from the body)."""
-    if pose == "hang":
-        a1 = rng.uniform(3, 10)
-        return a1, a1 + rng.uniform(-4, 6)
-    if pose == "open":
-        a1 = rng.uniform(12, 35)
-        return a1, a1 + rng.uniform(-5, 15)
-    if pose == "hip":
-        return rng.uniform(30, 45), rng.uniform(-50, -30)
-    if pose == "raised":
-        a1 = rng.uniform(130, 175)
-        return a1, a1 + rng.uniform(-15, 10)
-    if pose == "out":
-        a1 = rng.uniform(75, 100)
-        return a1, a1 + rng.uniform(-10, 30)
-    if pose == "wave":
-        return rng.uniform(50, 95), rng.uniform(150, 180)
-    a1 = rng.uniform(-35, 35)  # "swing", seen side-on: forward or back
-    return a1, a1 + rng.uniform(0, 30)
+    upper, forearm, relative = _ARM_RANGES[pose]
+    a1 = rng.uniform(*upper)  # drawn before the forearm: the order keeps the generated data as it was
+    return a1, (a1 if relative else 0.0) + rng.uniform(*forearm)
 
 
 def _draw_figure(rng, height) -> tuple[np.ndarray, float, float]:

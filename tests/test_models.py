@@ -18,6 +18,24 @@ from lib.models import (
 EXPECTED_PARAMETERS = {"masknet": 76_097, "depthnet": 7_083_874}  # the original MaskNet3 and DepthMaskNet8
 
 
+# DepthNet's decoders as they were declared one by one, (in, out) channels: checkpoints and the shipped
+# weights are keyed by these names, so building them in a loop must not change a key or a shape.
+DEPTHNET_DECODERS = {
+    "mask_decoder1": (256, 128),
+    "mask_decoder2": (128, 64),
+    "mask_decoder3": (64, 32),
+    "mask_decoder4": (32, 16),
+    "depth_decoder1": (512, 256),
+    "depth_decoder2": (256, 128),
+    "depth_decoder3": (128, 64),
+    "depth_decoder4": (64, 32),
+    "depth_decoder5": (32, 16),
+}
+DEPTHNET_OTHERS = ("bg_stem", "bg_fg_stem", "bg_encoder", "bg_fg_encoder", "mask_head", "depth_head")
+DEPTHNET_OTHERS += tuple(f"encoder{i}" for i in range(4, 8))
+DEPTHNET_STATE_KEYS = 296  # len(DepthNet().state_dict()) before the decoders were built in a loop
+
+
 def make_pair(batch_size=2, height=64, width=64, seed=0):
     """Return normalised-looking bg, bg_fg (B, 3, H, W)."""
     generator = torch.Generator().manual_seed(seed)
@@ -153,3 +171,12 @@ def test_torch_compile_matches_eager(model_name):
         expected, got = model(bg, bg_fg), compiled(bg, bg_fg)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-4)
+
+
+def test_depthnet_state_dict_keys_are_those_of_saved_checkpoints():
+    state = DepthNet().state_dict()
+    assert {key.split(".")[0] for key in state} == set(DEPTHNET_DECODERS) | set(DEPTHNET_OTHERS)
+    assert len(state) == DEPTHNET_STATE_KEYS
+    for name, (in_channels, out_channels) in DEPTHNET_DECODERS.items():
+        assert state[f"{name}.reduce.weight"].shape == (out_channels, in_channels, 1, 1), name
+        assert state[f"{name}.refine.1.0.weight"].shape == (out_channels, out_channels, 3, 3), name
