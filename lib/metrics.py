@@ -32,6 +32,8 @@ __all__ = [
     "scale_to_truth",
     "align_depth",
     "depth_aligned_sums",
+    "depth_metric_from_sums",
+    "DEPTH_RATIOS",
     "depth_absrel_aligned",
     "depth_delta1_aligned",
     "depth_rmse_aligned",
@@ -133,30 +135,6 @@ def depth_sums(preds: torch.Tensor, target: torch.Tensor, dtype: torch.dtype | N
     )
 
 
-def depth_rmse(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Scalar >= 0: sqrt of the mean squared error over all pixels, preds clamped to [0, 1], target (B, 1, H, W)."""
-    sums = depth_sums(preds, target)
-    return torch.sqrt(sums[1] / sums[0])
-
-
-def depth_mae(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Scalar >= 0: mean absolute error over all pixels, preds clamped to [0, 1], target (B, 1, H, W)."""
-    sums = depth_sums(preds, target)
-    return sums[2] / sums[0]
-
-
-def depth_absrel(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Scalar >= 0: mean |p - g| / g over pixels with g > 0.01 (preds clamped to [0, 1]); nan if there are none."""
-    sums = depth_sums(preds, target)
-    return sums[3] / sums[4]
-
-
-def depth_delta1(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Scalar in [0, 1]: share of pixels with g > 0.01 where max(p/g, g/p) < 1.25 (preds clamped to [0, 1])."""
-    sums = depth_sums(preds, target)
-    return sums[5] / sums[4]
-
-
 def scale_to_truth(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """preds (B, 1, H, W) clamped to [0, 1], each image times the one factor s that minimises
     sum((s p - g)^2) over its pixels with g > 0.01, clamped to [0, 1] again (an all-zero prediction stays 0)."""
@@ -216,22 +194,75 @@ def depth_aligned_sums(preds: torch.Tensor, target: torch.Tensor, dtype: torch.d
     )
 
 
+# The names of what `depth_sums` and `depth_aligned_sums` return, in their order.
+DEPTH_SUM_FIELDS = ("pixels", "squared_error", "absolute_error", "absrel_sum", "valid_pixels", "delta1_hits")
+ALIGNED_SUM_FIELDS = ("valid_pixels", "aligned_squared_error", "aligned_absrel_sum", "aligned_delta1_hits")
+
+# Every depth metric is one sum over another (its square root for the RMSEs): name -> (numerator, denominator,
+# root). The pure functions below and `Metrics.compute` both read this table, so they cannot disagree.
+DEPTH_RATIOS = {
+    "depth_rmse": ("squared_error", "pixels", True),
+    "depth_mae": ("absolute_error", "pixels", False),
+    "depth_absrel": ("absrel_sum", "valid_pixels", False),
+    "depth_delta1": ("delta1_hits", "valid_pixels", False),
+    "depth_ssim": ("ssim_sum", "samples", False),
+    "depth_rmse_scaled": ("scaled_squared_error", "pixels", True),
+    "depth_delta1_scaled": ("scaled_delta1_hits", "valid_pixels", False),
+    "depth_rmse_aligned": ("aligned_squared_error", "valid_pixels", True),
+    "depth_absrel_aligned": ("aligned_absrel_sum", "valid_pixels", False),
+    "depth_delta1_aligned": ("aligned_delta1_hits", "valid_pixels", False),
+}
+
+
+def depth_metric_from_sums(name: str, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scalar: the depth metric `name` (a key of DEPTH_RATIOS) from named 0-d sums; nan when its denominator is 0."""
+    numerator, denominator, root = DEPTH_RATIOS[name]
+    value = sums[numerator] / sums[denominator]  # 0 / 0 = nan: a denominator is 0 only where its numerator is
+    return value.sqrt() if root else value
+
+
+def _depth_metric_of_batch(name: str, preds: torch.Tensor, target: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+    """Scalar: the depth metric `name` over one batch, from `depth_aligned_sums` if `aligned`, else `depth_sums`."""
+    if aligned:
+        sums = dict(zip(ALIGNED_SUM_FIELDS, depth_aligned_sums(preds, target)))
+    else:
+        sums = dict(zip(DEPTH_SUM_FIELDS, depth_sums(preds, target)))
+    return depth_metric_from_sums(name, sums)
+
+
+def depth_rmse(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar >= 0: sqrt of the mean squared error over all pixels, preds clamped to [0, 1], target (B, 1, H, W)."""
+    return _depth_metric_of_batch("depth_rmse", preds, target)
+
+
+def depth_mae(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar >= 0: mean absolute error over all pixels, preds clamped to [0, 1], target (B, 1, H, W)."""
+    return _depth_metric_of_batch("depth_mae", preds, target)
+
+
+def depth_absrel(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar >= 0: mean |p - g| / g over pixels with g > 0.01 (preds clamped to [0, 1]); nan if there are none."""
+    return _depth_metric_of_batch("depth_absrel", preds, target)
+
+
+def depth_delta1(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Scalar in [0, 1]: share of pixels with g > 0.01 where max(p/g, g/p) < 1.25 (preds clamped to [0, 1])."""
+    return _depth_metric_of_batch("depth_delta1", preds, target)
+
+
 def depth_absrel_aligned(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Scalar >= 0: mean |a - g| / g over pixels with g > 0.01, a = `align_depth(preds, target)`; nan if none."""
-    sums = depth_aligned_sums(preds, target)
-    return sums[2] / sums[0]
+    return _depth_metric_of_batch("depth_absrel_aligned", preds, target, aligned=True)
 
 
 def depth_delta1_aligned(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Scalar in [0, 1]: share of pixels with g > 0.01 where max(a/g, g/a) < 1.25, a = `align_depth(preds, target)`."""
-    sums = depth_aligned_sums(preds, target)
-    return sums[3] / sums[0]
+    return _depth_metric_of_batch("depth_delta1_aligned", preds, target, aligned=True)
 
 
 def depth_rmse_aligned(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Scalar >= 0: sqrt of the mean squared error over pixels with g > 0.01, a = `align_depth(preds, target)`."""
-    sums = depth_aligned_sums(preds, target)
-    return torch.sqrt(sums[1] / sums[0])
+    return _depth_metric_of_batch("depth_rmse_aligned", preds, target, aligned=True)
 
 
 def depth_ssim_per_image(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -250,20 +281,8 @@ def classical_mask_baseline(bg: torch.Tensor, bg_fg: torch.Tensor, threshold: fl
 # ---------------------------------------------------------------- accumulator
 
 MASK_FIELDS = ("samples", "iou_sum", "dice_sum", "intersection", "union")
-DEPTH_FIELDS = (
-    "pixels",
-    "squared_error",
-    "absolute_error",
-    "absrel_sum",
-    "valid_pixels",
-    "delta1_hits",
-    "ssim_sum",
-    "scaled_squared_error",
-    "scaled_delta1_hits",
-    "aligned_squared_error",
-    "aligned_absrel_sum",
-    "aligned_delta1_hits",
-)
+# One totals vector: `depth_sums`, SSIM, the scaled error and hits, then `depth_aligned_sums` less its valid pixels.
+DEPTH_FIELDS = DEPTH_SUM_FIELDS + ("ssim_sum", "scaled_squared_error", "scaled_delta1_hits") + ALIGNED_SUM_FIELDS[1:]
 
 
 class Metrics:
@@ -309,7 +328,8 @@ class Metrics:
 
     def compute(self) -> dict[str, float]:
         """Return the metrics over everything seen since reset(); one device-to-host read. nan where undefined."""
-        t = dict(zip(self.fields, self.totals.double().tolist()))
+        totals = self.totals.double().cpu()  # the one device-to-host read
+        t = dict(zip(self.fields, totals.tolist()))
         samples = t["samples"]
 
         def ratio(num: float, den: float, empty: float = math.nan) -> float:
@@ -323,16 +343,6 @@ class Metrics:
             "mask_dice": ratio(t["dice_sum"], samples),
         }
         if self.with_depth:
-            result.update(
-                depth_rmse=math.sqrt(ratio(t["squared_error"], t["pixels"])),
-                depth_mae=ratio(t["absolute_error"], t["pixels"]),
-                depth_absrel=ratio(t["absrel_sum"], t["valid_pixels"]),
-                depth_delta1=ratio(t["delta1_hits"], t["valid_pixels"]),
-                depth_ssim=ratio(t["ssim_sum"], samples),
-                depth_rmse_scaled=math.sqrt(ratio(t["scaled_squared_error"], t["pixels"])),
-                depth_delta1_scaled=ratio(t["scaled_delta1_hits"], t["valid_pixels"]),
-                depth_rmse_aligned=math.sqrt(ratio(t["aligned_squared_error"], t["valid_pixels"])),
-                depth_absrel_aligned=ratio(t["aligned_absrel_sum"], t["valid_pixels"]),
-                depth_delta1_aligned=ratio(t["aligned_delta1_hits"], t["valid_pixels"]),
-            )
+            sums = dict(zip(self.fields, totals))
+            result.update({name: depth_metric_from_sums(name, sums).item() for name in DEPTH_RATIOS})
         return result

@@ -310,3 +310,15 @@ def test_classical_mask_baseline_hand_example():
     mask = classical_mask_baseline(bg, bg_fg, threshold=0.1)
     assert mask.dtype == torch.bool and mask.shape == (1, 1, 2, 2)
     assert mask.flatten().tolist() == [True, False, False, False]
+
+
+def test_no_valid_depth_pixel_gives_nan_in_functions_and_metrics_alike():
+    preds, depth = torch.full((1, 1, 2, 2), 0.5), torch.zeros(1, 1, 2, 2)  # no pixel with g > 0.01
+    for metric in (depth_absrel, depth_delta1, depth_absrel_aligned, depth_delta1_aligned, depth_rmse_aligned):
+        assert math.isnan(metric(preds, depth).item()), metric.__name__
+    assert depth_rmse(preds, depth).item() == pytest.approx(0.5)  # over all pixels: defined
+    metrics = Metrics()
+    metrics.update({"mask": torch.zeros(1, 1, 2, 2), "depth": preds}, {"mask": torch.zeros(1, 1, 2, 2), "depth": depth})
+    result = metrics.compute()
+    assert result["depth_rmse"] == pytest.approx(0.5) and result["depth_mae"] == pytest.approx(0.5)
+    assert all(math.isnan(result[key]) for key in ("depth_absrel", "depth_delta1_scaled", "depth_absrel_aligned"))
