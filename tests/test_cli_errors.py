@@ -372,3 +372,12 @@ def test_evaluate_with_nonsense_arguments(masknet_run, dataset):
         ),
         r"--batch-size must be at least 1, not 0",
     )
+
+
+def test_starting_over_a_run_folder_is_refused_and_leaves_its_checkpoints(dataset, masknet_run, tmp_path):
+    """A new run (no --resume) over a folder that holds best.pt/last.pt stops before touching them."""
+    out = Path(shutil.copytree(masknet_run, tmp_path / "run"))
+    before = {name: (out / name).read_bytes() for name in ("best.pt", "last.pt")}
+    line = _assert_error(_train(dataset, out), r"holds a run; continue it with --resume")
+    assert str(out / "best.pt") in line
+    assert {name: (out / name).read_bytes() for name in before} == before
