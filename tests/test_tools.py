@@ -77,12 +77,22 @@ def test_blob_alpha_is_one_piece_and_fills_part_of_its_box():
     assert 0.2 < (alpha > 0).mean() < 0.8
 
 
-def test_summary_gives_mean_and_sample_spread(tmp_path):
+def test_summary_gives_mean_and_sample_spread_over_seeds(tmp_path):
     rows = [
-        dict(model="masknet", role="test", set="s", reshoot="none", mask_iou=v, baseline_mask_iou=0.5)
-        for v in (0.6, 0.7, 0.8)
+        dict(
+            model="masknet",
+            role="test",
+            set=f"test-synthetic-s{s}",
+            reshoot="none",
+            train_seed=seed,
+            mask_iou=v,
+            baseline_mask_iou=0.5,
+        )  # fmt: skip
+        for seed, pair in zip((1, 2, 3), ((0.5, 0.7), (0.7, 0.7), (0.8, 0.8)))
+        for s, v in zip((101, 102), pair)
     ]
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = quality.summary([path])
-    assert "| masknet | s (test) | as shot | 3 | 0.700 ± 0.100 | 0.500 ± 0.000 |" in table
+    # per seed, the family's mean: 0.6, 0.7, 0.8 -> mean 0.7, sample standard deviation 0.1
+    assert "| masknet | test-synthetic (test) | as shot | 3 | 0.700 ± 0.100 | 0.500 ± 0.000 |" in table

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -207,28 +208,37 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
+def family(name: str) -> str:
+    """The set family a set belongs to: test-synthetic-s101..s103 -> test-synthetic; others are their own."""
+    return re.sub(r"-s\d+$", "", name) if name.startswith("test-synthetic") else name
+
+
+def over_seeds(by_seed: dict[int, list[dict]], key: str) -> str:
+    """'mean ± spread' over training seeds of each seed's mean `key`; empty if some result lacks it."""
+    if any(key not in r for rs in by_seed.values() for r in rs):
+        return ""
+    return mean_spread([statistics.mean(r[key] for r in rs) for rs in by_seed.values()])
+
+
 def summary(paths: list[Path]) -> str:
-    """A markdown table: per model and set, mask IoU (and aligned depth) as shot and re-shot, with differencing."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    """A markdown table per model, set family and background (as shot / re-shot): mask IoU and differencing IoU
+    (and aligned depth where the set has depth), as mean ± standard deviation over training seeds, each seed's
+    value being its mean over the family's sets."""
+    runs: dict[tuple, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for path in paths:
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            groups[(r["model"], r["role"], r["set"], r["reshoot"])].append(r)
+            runs[(r["model"], r["role"], family(r["set"]), r["reshoot"])][r.get("train_seed", 0)].append(r)
     rows = [
         "| model | set (role) | background | seeds | mask IoU | differencing IoU | depth delta1 aligned | depth AbsRel aligned |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for (model, role, name, reshoot), rs in sorted(groups.items()):
-        depth = [
-            mean_spread([r[k] for r in rs]) if k in rs[0] else ""
-            for k in ("depth_delta1_aligned", "depth_absrel_aligned")
-        ]
-        if name.startswith("test-photos"):
-            depth = ["", ""]  # the photo sets have no depth truth (flat placeholder maps)
+    for (model, role, name, reshoot), by_seed in sorted(runs.items()):
+        has_depth = not name.startswith("test-photos")  # the photo sets have no depth truth (flat placeholder maps)
+        depth = [over_seeds(by_seed, k) if has_depth else "" for k in ("depth_delta1_aligned", "depth_absrel_aligned")]
         rows.append(
-            f"| {model} | {name} ({role}) | {'re-shot' if reshoot != 'none' else 'as shot'} | {len(rs)} "
-            f"| {mean_spread([r['mask_iou'] for r in rs])} | {mean_spread([r['baseline_mask_iou'] for r in rs])} "
-            f"| {depth[0]} | {depth[1]} |"
+            f"| {model} | {name} ({role}) | {'re-shot' if reshoot != 'none' else 'as shot'} | {len(by_seed)} "
+            f"| {over_seeds(by_seed, 'mask_iou')} | {over_seeds(by_seed, 'baseline_mask_iou')} | {depth[0]} | {depth[1]} |"
         )
     return "\n".join(rows)
 
