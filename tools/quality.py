@@ -221,24 +221,26 @@ def over_seeds(by_seed: dict[int, list[dict]], key: str) -> str:
 
 
 def summary(paths: list[Path]) -> str:
-    """A markdown table per model, set family and background (as shot / re-shot): mask IoU and differencing IoU
-    (and aligned depth where the set has depth), as mean ± standard deviation over training seeds, each seed's
-    value being its mean over the family's sets."""
+    """A markdown table per model, set family and background (as shot / re-shot): mask IoU next to differencing,
+    depth (where the set has depth) next to the mean depth, as mean ± standard deviation over training seeds, each
+    seed's value being its mean over the family's sets."""
     runs: dict[tuple, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for path in paths:
         for line in path.read_text().splitlines():
             r = json.loads(line)
             runs[(r["model"], r["role"], family(r["set"]), r["reshoot"])][r.get("train_seed", 0)].append(r)
     rows = [
-        "| model | set (role) | background | seeds | mask IoU | differencing IoU | depth delta1 aligned | depth AbsRel aligned |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | set (role) | background | seeds | mask IoU | differencing IoU | depth RMSE | mean-depth RMSE "
+        "| depth delta1 | delta1 aligned | AbsRel aligned |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (model, role, name, reshoot), by_seed in sorted(runs.items()):
         has_depth = not name.startswith("test-photos")  # the photo sets have no depth truth (flat placeholder maps)
-        depth = [over_seeds(by_seed, k) if has_depth else "" for k in ("depth_delta1_aligned", "depth_absrel_aligned")]
+        keys = ("depth_rmse", "baseline_depth_rmse", "depth_delta1", "depth_delta1_aligned", "depth_absrel_aligned")
+        depth = [over_seeds(by_seed, k) if has_depth else "" for k in keys]
         rows.append(
             f"| {model} | {name} ({role}) | {'re-shot' if reshoot != 'none' else 'as shot'} | {len(by_seed)} "
-            f"| {over_seeds(by_seed, 'mask_iou')} | {over_seeds(by_seed, 'baseline_mask_iou')} | {depth[0]} | {depth[1]} |"
+            f"| {over_seeds(by_seed, 'mask_iou')} | {over_seeds(by_seed, 'baseline_mask_iou')} | {' | '.join(depth)} |"
         )
     return "\n".join(rows)
 
