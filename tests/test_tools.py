@@ -96,3 +96,20 @@ def test_summary_gives_mean_and_sample_spread_over_seeds(tmp_path):
     table = quality.summary([path])
     # per seed, the family's mean: 0.6, 0.7, 0.8 -> mean 0.7, sample standard deviation 0.1
     assert "| masknet | test-synthetic (test) | as shot | 3 | 0.700 ± 0.100 | 0.500 ± 0.000 |" in table
+
+
+def test_predict_without_a_checkpoint_uses_the_shipped_masknet(tmp_path, unseen_scenes):
+    import cv2
+
+    from lib.predict import main
+
+    if not (WEIGHTS / "masknet.pt").exists():
+        pytest.skip("weights/masknet.pt not shipped")
+    sample = ModestDataset(unseen_scenes)[0]
+    for key in ("bg", "bg_fg"):
+        rgb = sample[key].permute(1, 2, 0).numpy()
+        cv2.imwrite(str(tmp_path / f"{key}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    main(["--bg", str(tmp_path / "bg.png"), "--bg-fg", str(tmp_path / "bg_fg.png"), "--out", str(tmp_path / "out")])
+    written = cv2.imread(str(tmp_path / "out" / "bg_fg_mask.png"), cv2.IMREAD_GRAYSCALE)
+    assert written.shape == (64, 64) and 0 < (written > 127).mean() < 0.5
+    assert not (tmp_path / "out" / "bg_fg_depth.png").exists()  # MaskNet: no depth
