@@ -1444,7 +1444,7 @@ def encode_png(img) -> bytes:
 
 
 def fg_height(size) -> int:
-    """Height of the fg/ cut-outs at image `size` (108 at 224, as in MODEST); lib.build sizes its cut-outs by it too."""
+    """Height of the fg/ cut-outs at image `size` (108 at 224, as in MODEST); tools.build sizes its cut-outs by it too."""
     return max(8, round(FG_HEIGHT * size / 224))
 
 
