@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.data import BG_FG_MEAN, BG_FG_STD, BG_MEAN, BG_STD
 from lib.errors import UserError
 
 __all__ = [
+    "Compare",
     "MaskNet",
     "DepthNet",
     "MODELS",
@@ -20,10 +22,10 @@ __all__ = [
 ]
 
 
-def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Return conv3x3 (padding 1, bias) + BatchNorm + ReLU; keeps H and W."""
+def conv_bn_relu(in_channels: int, out_channels: int, dilation: int = 1) -> nn.Sequential:
+    """Return conv3x3 (padding = dilation, bias) + BatchNorm + ReLU; keeps H and W."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=dilation, dilation=dilation),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(),
     )
@@ -44,22 +46,73 @@ def check_pair(bg: torch.Tensor, bg_fg: torch.Tensor, multiple: int = 1) -> None
         )
 
 
+def unnormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Undo lib.data.normalize inside a model: normalised (B, 3, H, W) -> [0, 1] images."""
+    return x * x.new_tensor(std).view(1, 3, 1, 1) + x.new_tensor(mean).view(1, 3, 1, 1)
+
+
+class Compare(nn.Module):
+    """Fixed (not learned) comparison of the pair, fed to the networks next to bg_fg: (B, 6, H, W).
+
+    Channels 0-2: |bg_fg - bg| per colour, what pixel differencing thresholds. Channels 3-5: the same after a
+    re-shoot is undone as far as simple rules can: both images box-blurred 3x3 (noise, JPEG), bg's per-channel
+    gain matched to bg_fg's (exposure, white balance; medians, so the person barely moves them), and each pixel
+    compared with its best match (all three colours at once) within `radius` px of bg (a tripod's shift). A network given only the two images
+    must learn these comparisons from data; given them, it starts where differencing ends and learns what to
+    trust: the raw difference when bg is the same photo, the tolerant one when it was re-shot.
+    """
+
+    channels = 6
+
+    def __init__(self, radius: int = 3) -> None:
+        super().__init__()
+        self.radius = radius
+
+    def forward(self, bg: torch.Tensor, bg_fg: torch.Tensor) -> torch.Tensor:
+        """Return (B, 6, H, W) difference features for normalised bg, bg_fg (B, 3, H, W)."""
+        bg, bg_fg = unnormalize(bg, BG_MEAN, BG_STD), unnormalize(bg_fg, BG_FG_MEAN, BG_FG_STD)  # [0, 1]
+        raw = (bg_fg - bg).abs()  # (B, 3, H, W)
+        bg, bg_fg = (F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False) for x in (bg, bg_fg))
+        gain = bg_fg.flatten(2).median(dim=2).values / bg.flatten(2).median(dim=2).values.clamp_min(1e-3)  # (B, 3)
+        bg = bg * gain.clamp(0.5, 2.0)[..., None, None]
+        r = self.radius
+        height, width = bg.shape[-2:]
+        padded = F.pad(bg, (r, r, r, r), mode="replicate")  # (B, 3, H + 2r, W + 2r)
+        tolerant, best = None, None  # the per-channel difference at each pixel's best shift (summed over channels)
+        for dy in range(2 * r + 1):
+            for dx in range(2 * r + 1):
+                diff = (bg_fg - padded[..., dy : dy + height, dx : dx + width]).abs()  # (B, 3, H, W)
+                total = diff.sum(dim=1, keepdim=True)  # (B, 1, H, W)
+                if best is None:
+                    tolerant, best = diff, total
+                else:
+                    better = total < best
+                    tolerant, best = torch.where(better, diff, tolerant), torch.minimum(total, best)
+        return torch.cat([raw, tolerant], dim=1)  # (B, 6, H, W)
+
+
 class MaskNet(nn.Module):
-    """Small full-resolution mask network: (bg, bg_fg) (B, 3, H, W) -> mask logits (B, 1, H, W)."""
+    """Small full-resolution mask network: (bg, bg_fg) (B, 3, H, W) -> mask logits (B, 1, H, W).
+
+    bg_fg's stem also sees the Compare features (the difference, raw and re-shoot tolerant); the body's two
+    convolutions are dilated 2 and 4, so each pixel's answer sees 15 x 15 px around it (7 x 7 undilated), enough
+    to fill in a figure where it happens to match the background."""
 
     size_multiple = 1
 
     def __init__(self) -> None:
         super().__init__()
+        self.compare = Compare()
         self.bg_stem = conv_bn_relu(3, 32)
-        self.bg_fg_stem = conv_bn_relu(3, 32)
-        self.body = nn.Sequential(conv_bn_relu(64, 64), conv_bn_relu(64, 64))
+        self.bg_fg_stem = conv_bn_relu(3 + Compare.channels, 32)
+        self.body = nn.Sequential(conv_bn_relu(64, 64, dilation=2), conv_bn_relu(64, 64, dilation=4))
         self.head = nn.Conv2d(64, 1, kernel_size=1)
 
     def forward(self, bg: torch.Tensor, bg_fg: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return {"mask": logits (B, 1, H, W)} for normalised bg, bg_fg (B, 3, H, W); any H, W."""
         check_pair(bg, bg_fg)
-        x = torch.cat([self.bg_stem(bg), self.bg_fg_stem(bg_fg)], dim=1)  # (B, 64, H, W)
+        bg_fg_in = torch.cat([bg_fg, self.compare(bg, bg_fg)], dim=1)  # (B, 9, H, W)
+        x = torch.cat([self.bg_stem(bg), self.bg_fg_stem(bg_fg_in)], dim=1)  # (B, 64, H, W)
         x = self.body(x)
         return {"mask": self.head(x)}  # (B, 1, H, W)
 
@@ -104,14 +157,16 @@ class DepthNet(nn.Module):
     """Encoder-decoder with a mask decoder feeding a depth decoder: (bg, bg_fg) -> (mask logits, depth).
 
     Inputs (B, 3, H, W) with H and W divisible by 32; both outputs (B, 1, H, W); depth has no activation.
+    bg_fg's stem also sees the Compare features (the difference, raw and re-shoot tolerant).
     """
 
     size_multiple = 32
 
     def __init__(self) -> None:
         super().__init__()
+        self.compare = Compare()
         self.bg_stem = nn.Sequential(conv_bn_relu(3, 16), conv_bn_relu(16, 16))
-        self.bg_fg_stem = nn.Sequential(conv_bn_relu(3, 16), conv_bn_relu(16, 16))
+        self.bg_fg_stem = nn.Sequential(conv_bn_relu(3 + Compare.channels, 16), conv_bn_relu(16, 16))
         self.bg_encoder = Encoder(16, 16)
         self.bg_fg_encoder = Encoder(16, 16)
         self.encoder4 = Encoder(32, 64)
@@ -135,7 +190,7 @@ class DepthNet(nn.Module):
         """Return {"mask": logits, "depth": depth}, each (B, 1, H, W), for normalised bg, bg_fg (B, 3, H, W)."""
         check_pair(bg, bg_fg, self.size_multiple)
         bg_features = self.bg_stem(bg)  # (B, 16, H, W)
-        bg_fg_features = self.bg_fg_stem(bg_fg)  # (B, 16, H, W)
+        bg_fg_features = self.bg_fg_stem(torch.cat([bg_fg, self.compare(bg, bg_fg)], dim=1))  # (B, 16, H, W)
         x3 = torch.cat([self.bg_encoder(bg_features), self.bg_fg_encoder(bg_fg_features)], dim=1)  # (B, 32, H/2, W/2)
         x4 = self.encoder4(x3)  # (B, 64, H/4, W/4)
         x5 = self.encoder5(x4)  # (B, 128, H/8, W/8)

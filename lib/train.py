@@ -45,7 +45,7 @@ from .losses import DEFAULT_LOSS, make_loss, valid_losses
 from .metrics import Metrics
 from .models import MODEL_SIZE_MULTIPLE, MODELS, count_parameters, make_model, unwrap_model
 
-CHECKPOINT_FORMAT = "bgfg-mask-depth/1"
+CHECKPOINT_FORMAT = "bgfg-mask-depth/2"  # /2: the models see lib.models.Compare (Dec 2026)
 DEMO_DATA = dict(size=64, backgrounds=100, foregrounds=12, placements=1, seed=0)  # 2,400 samples, 100 rooms
 
 
@@ -471,6 +471,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", expect_model: s
         raise UserError(
             f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
         ) from None
+    if isinstance(state, dict) and state.get("format") == "bgfg-mask-depth/1":
+        raise UserError(
+            f"{path}: written before the models took the Compare input (format /1); retrain it with lib.train"
+        )
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint written by lib.train")
     model_name = state["config"]["model"]

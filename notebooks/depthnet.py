@@ -155,7 +155,9 @@ show_figure(plot_samples(pick_samples(val_set, 4), title="validation samples"))
 #
 # Two stems (one per image) feed a shared residual encoder; a mask decoder and a depth decoder climb back to full
 # resolution, and the mask decoder's features feed the depth decoder. `forward` returns raw outputs: mask logits
-# and depth.
+# and depth. The bg_fg stem also sees `Compare`'s fixed features: |bg_fg - bg| (what pixel differencing
+# thresholds) and the same difference made tolerant of a re-shot background (blurred, gain matched, best match
+# within 3 px), so the network starts where differencing ends and learns when to trust which.
 
 # %%
 seed_everything(cfg.seed)  # as python -m lib.train does: the same recipe gives the same run

@@ -153,8 +153,11 @@ show_figure(plot_samples(pick_samples(val_set, 4), title="validation samples"))
 # %% [markdown]
 # ## Model
 #
-# One conv stem per image; the two feature maps are concatenated and refined by two more convolutions, all at full
-# resolution, and a 1x1 convolution gives the mask. `forward` returns raw outputs: mask logits.
+# One conv stem per image; the two feature maps are concatenated and refined by two more convolutions (dilated 2
+# and 4, to see around each pixel), all at full resolution, and a 1x1 convolution gives the mask. `forward`
+# returns raw outputs: mask logits. The bg_fg stem also sees `Compare`'s fixed features: |bg_fg - bg| (what pixel
+# differencing thresholds) and the same difference made tolerant of a re-shot background (blurred, gain matched,
+# best match within 3 px), so the network starts where differencing ends and learns when to trust which.
 
 # %%
 seed_everything(cfg.seed)  # as python -m lib.train does: the same recipe gives the same run

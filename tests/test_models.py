@@ -5,17 +5,21 @@ import os
 import pytest
 import torch
 
+from lib.data import normalize
 from lib.errors import UserError
+from lib.metrics import classical_mask_baseline
 from lib.models import (
     MODEL_SIZE_MULTIPLE,
     MODELS,
+    Compare,
     DepthNet,
     MaskNet,
     count_parameters,
     make_model,
 )
 
-EXPECTED_PARAMETERS = {"masknet": 76_097, "depthnet": 7_083_874}  # the original MaskNet3 and DepthMaskNet8
+# The original MaskNet3 and DepthMaskNet8, plus the bg_fg stem's 3x3 weights for the 6 Compare channels.
+EXPECTED_PARAMETERS = {"masknet": 76_097 + 6 * 9 * 32, "depthnet": 7_083_874 + 6 * 9 * 16}
 
 
 # DepthNet's decoders as they were declared one by one, (in, out) channels: checkpoints and the shipped
@@ -58,7 +62,7 @@ def seeded_models():
 def test_parameter_counts_match_the_original(seeded_models):
     for name, expected in EXPECTED_PARAMETERS.items():
         measured = count_parameters(seeded_models[name])
-        assert abs(measured - expected) <= 0.01 * expected, (name, measured)
+        assert measured == expected, (name, measured)
 
 
 def test_registry_and_size_multiples():
@@ -180,3 +184,39 @@ def test_depthnet_state_dict_keys_are_those_of_saved_checkpoints():
     for name, (in_channels, out_channels) in DEPTHNET_DECODERS.items():
         assert state[f"{name}.reduce.weight"].shape == (out_channels, in_channels, 1, 1), name
         assert state[f"{name}.refine.1.0.weight"].shape == (out_channels, out_channels, 3, 3), name
+
+
+def textured(height=64, width=64, seed=0):
+    """A smooth random colour texture in [0.2, 0.8], (1, 3, H, W), like a photo at low resolution."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(1, 3, height // 8, width // 8, generator=generator)
+    return 0.2 + 0.6 * torch.nn.functional.interpolate(noise, size=(height, width), mode="bicubic").clamp(0, 1)
+
+
+def test_compare_raw_channels_are_what_differencing_thresholds():
+    bg, bg_fg = textured(seed=1), textured(seed=2)
+    features = Compare()(normalize(bg, "bg"), normalize(bg_fg, "bg_fg"))
+    assert features.shape == (1, 6, 64, 64)
+    torch.testing.assert_close(features[:, :3], (bg_fg - bg).abs(), atol=1e-5, rtol=0)
+    for threshold in (0.05, 0.1, 0.2):
+        from_features = features[:, :3].amax(dim=1, keepdim=True) > threshold
+        assert torch.equal(from_features, classical_mask_baseline(bg, bg_fg, threshold))
+    assert not list(Compare().parameters())  # fixed: nothing to learn, nothing in checkpoints
+
+
+def test_compare_tolerant_channels_forgive_a_re_shoot_but_not_a_person():
+    scene = textured(96, 96, seed=3)
+    bg = scene[..., 16:80, 16:80]  # (1, 3, 64, 64)
+    gain = torch.tensor([1.10, 1.04, 0.95]).view(1, 3, 1, 1)
+    bg_fg = (scene[..., 18:82, 14:78] * gain).clone()  # the same scene shifted by (2, -2) px, exposure and balance
+    bg_fg[..., 20:44, 24:40] = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1)  # a figure
+    features = Compare()(normalize(bg, "bg"), normalize(bg_fg, "bg_fg"))
+    raw, tolerant = features[0, :3].amax(0), features[0, 3:].amax(0)  # (64, 64) each
+    figure = torch.zeros(64, 64, dtype=torch.bool)
+    figure[22:42, 26:38] = True  # the figure's inside, clear of its blurred edge
+    background = torch.ones(64, 64, dtype=torch.bool)
+    background[14:50, 18:46] = False
+    background[:4], background[-4:], background[:, :4], background[:, -4:] = False, False, False, False
+    assert raw[background].mean() > 0.03  # differencing sees the re-shoot everywhere
+    assert tolerant[background].mean() < 0.25 * raw[background].mean()
+    assert tolerant[figure].min() > 0.15 and tolerant[figure].mean() > 0.3  # and the figure stays

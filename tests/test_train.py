@@ -146,6 +146,9 @@ def test_checkpoint_that_is_not_one(tmp_path):
     torch.save({"weights": 1}, bad)
     with pytest.raises(UserError, match="not a checkpoint written by lib.train"):
         load_model(bad)
+    torch.save({"format": "bgfg-mask-depth/1", "config": {"model": "masknet"}}, bad)  # before Compare
+    with pytest.raises(UserError, match=r"x.pt: written before the models took the Compare input .* retrain"):
+        load_model(bad)
 
 
 def _run(args, **kw) -> subprocess.CompletedProcess:

@@ -168,9 +168,12 @@ def finished(run_dir: Path) -> bool:
     return state["epoch"] >= state["config"]["epochs"]
 
 
-def run(root: Path, seeds: list[int], models: list[str], out: Path, runs: Path, extra: list[str]) -> None:
-    """Train the demo per (model, seed) unless its run exists, then evaluate on every set; append JSON lines."""
-    sets = evaluation_sets(root)
+def run(
+    root: Path, seeds: list[int], models: list[str], out: Path, runs: Path, extra: list[str], role: str = "all"
+) -> None:
+    """Train the demo per (model, seed) unless its run exists, then evaluate on every set of `role` (tune, test or
+    all); append JSON lines."""
+    sets = {k: v for k, v in evaluation_sets(root).items() if role in ("all", v[0])}
     missing = [str(p) for _, p in sets.values() if not p.exists()]
     if missing:
         raise SystemExit(f"missing evaluation sets ({missing[0]} ...): run `python tools/quality.py sets` first")
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--models", nargs="+", default=["masknet", "depthnet"], choices=["masknet", "depthnet"])
     r.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
     r.add_argument("--out", type=Path, required=True, help="JSON lines file to append to (benchmarks/...)")
+    r.add_argument("--role", choices=["all", "tune", "test"], default="all", help="score only the sets of this role")
     r.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: more lib.train arguments")
     m = sub.add_parser("summary", help="mean and spread per model, set and background")
     m.add_argument("files", type=Path, nargs="+")
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         build_sets(args.root or ROOT / "data" / "quality" / f"{args.size}px", args.size)
     elif args.command == "run":
         extra = [a for a in args.train_args if a != "--"]
-        run(args.root, args.seeds, args.models, args.out, args.runs, extra)
+        run(args.root, args.seeds, args.models, args.out, args.runs, extra, args.role)
     else:
         print(summary(args.files))
     return 0
