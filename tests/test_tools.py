@@ -113,3 +113,17 @@ def test_predict_without_a_checkpoint_uses_the_shipped_masknet(tmp_path, unseen_
     written = cv2.imread(str(tmp_path / "out" / "bg_fg_mask.png"), cv2.IMREAD_GRAYSCALE)
     assert written.shape == (64, 64) and 0 < (written > 127).mean() < 0.5
     assert not (tmp_path / "out" / "bg_fg_depth.png").exists()  # MaskNet: no depth
+
+
+def test_score_writes_one_line_per_set_of_the_role_and_background(tmp_path, unseen_scenes):
+    (tmp_path / "sets").mkdir()
+    (tmp_path / "sets" / f"tune-synthetic-s{quality.TUNE_SEED}").symlink_to(unseen_scenes)  # only the tuning set
+    ckpt = _save_model(tmp_path / "best.pt", "masknet", 64)
+    out = tmp_path / "scores.jsonl"
+    quality.score(tmp_path / "sets", ckpt, out, role="tune")
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["set"], r["role"], r["reshoot"]) for r in lines] == [
+        (f"tune-synthetic-s{quality.TUNE_SEED}", "tune", reshoot) for reshoot in quality.RESHOOTS
+    ]
+    assert all(r["samples"] == 8 and 0 <= r["mask_iou"] <= 1 and "baseline_mask_iou" in r for r in lines)
+    assert lines[0]["baseline_mask_iou"] > lines[1]["baseline_mask_iou"]  # the re-shoot hurts differencing

@@ -2,6 +2,7 @@
 
     python tools/quality.py sets                      # build the evaluation sets under data/quality/64px (once)
     python tools/quality.py run --seeds 1 2 3         # train the demo per seed and model, evaluate everything
+    python tools/quality.py score weights/masknet.pt --out benchmarks/...jsonl   # one checkpoint, every test set
     python tools/quality.py summary benchmarks/quality-*.jsonl   # mean and spread per (model, set, re-shoot)
 
 Three roles of data:
@@ -205,6 +206,26 @@ def run(
                     )
 
 
+def score(root: Path, checkpoint: Path, out: Path, role: str = "test") -> None:
+    """Evaluate one checkpoint (e.g. shipped weights) on every set of `role`, as shot and re-shot; append JSON lines."""
+    sets = {k: v for k, v in evaluation_sets(root).items() if role in ("all", v[0])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name, (set_role, path) in sets.items():
+        for reshoot in RESHOOTS:
+            result = evaluate_json(
+                ["--checkpoint", str(checkpoint), "--data", str(path), "--baseline", "--reshoot", reshoot]
+            )
+            result.update(set=name, role=set_role, reshoot=reshoot, train_seed=0, machine=machine())
+            result.update(weights=str(checkpoint))
+            with open(out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(
+                f"{checkpoint} {name:22} reshoot {reshoot:5} IoU {result['mask_iou']:.3f} "
+                f"(differencing {result['baseline_mask_iou']:.3f})",
+                flush=True,
+            )
+
+
 def mean_spread(values: list[float]) -> str:
     """'mean ± standard deviation' over seeds (± 0 for one value)."""
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -263,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", type=Path, required=True, help="JSON lines file to append to (benchmarks/...)")
     r.add_argument("--role", choices=["all", "tune", "test"], default="all", help="score only the sets of this role")
     r.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: more lib.train arguments")
+    c = sub.add_parser("score", help="evaluate one checkpoint (e.g. weights/masknet.pt) on every set")
+    c.add_argument("checkpoint", type=Path)
+    c.add_argument("--root", type=Path, default=ROOT / "data" / "quality" / f"{SIZE}px")
+    c.add_argument("--out", type=Path, required=True, help="JSON lines file to append to (benchmarks/...)")
+    c.add_argument("--role", choices=["all", "tune", "test"], default="test", help="score only the sets of this role")
     m = sub.add_parser("summary", help="mean and spread per model, set and background")
     m.add_argument("files", type=Path, nargs="+")
     args = p.parse_args(argv)
@@ -271,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "run":
         extra = [a for a in args.train_args if a != "--"]
         run(args.root, args.seeds, args.models, args.out, args.runs, extra, args.role)
+    elif args.command == "score":
+        score(args.root, args.checkpoint, args.out, args.role)
     else:
         print(summary(args.files))
     return 0
