@@ -98,13 +98,13 @@ def test_summary_gives_mean_and_sample_spread_over_seeds(tmp_path):
     assert "| masknet | test-synthetic (test) | as shot | 3 | 0.700 ± 0.100 | 0.500 ± 0.000 |" in table
 
 
-def test_predict_without_a_checkpoint_uses_the_shipped_masknet(tmp_path, unseen_scenes):
+def test_predict_without_a_checkpoint_uses_the_shipped_depthnet(tmp_path, unseen_scenes):
     import cv2
 
     from lib.predict import main
 
-    if not (WEIGHTS / "masknet.pt").exists():
-        pytest.skip("weights/masknet.pt not shipped")
+    if not (WEIGHTS / "depthnet.pt").exists():
+        pytest.skip("weights/depthnet.pt not shipped")
     sample = ModestDataset(unseen_scenes)[0]
     for key in ("bg", "bg_fg"):
         rgb = sample[key].permute(1, 2, 0).numpy()
@@ -112,7 +112,12 @@ def test_predict_without_a_checkpoint_uses_the_shipped_masknet(tmp_path, unseen_
     main(["--bg", str(tmp_path / "bg.png"), "--bg-fg", str(tmp_path / "bg_fg.png"), "--out", str(tmp_path / "out")])
     written = cv2.imread(str(tmp_path / "out" / "bg_fg_mask.png"), cv2.IMREAD_GRAYSCALE)
     assert written.shape == (64, 64) and 0 < (written > 127).mean() < 0.5
-    assert not (tmp_path / "out" / "bg_fg_depth.png").exists()  # MaskNet: no depth
+    assert (tmp_path / "out" / "bg_fg_depth.png").exists()  # DepthNet: depth too
+    main(
+        ["--weights", "masknet", "--bg", str(tmp_path / "bg.png"), "--bg-fg", str(tmp_path / "bg_fg.png")]
+        + ["--out", str(tmp_path / "out2")]
+    )
+    assert not (tmp_path / "out2" / "bg_fg_depth.png").exists()  # MaskNet: no depth
 
 
 def test_score_writes_one_line_per_set_of_the_role_and_background(tmp_path, unseen_scenes):
