@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.data import BG_FG_MEAN, BG_FG_STD, BG_MEAN, BG_STD
+from lib.data import denormalize
 from lib.errors import UserError
 
 __all__ = [
@@ -46,20 +46,16 @@ def check_pair(bg: torch.Tensor, bg_fg: torch.Tensor, multiple: int = 1) -> None
         )
 
 
-def unnormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Undo lib.data.normalize inside a model: normalised (B, 3, H, W) -> [0, 1] images."""
-    return x * x.new_tensor(std).view(1, 3, 1, 1) + x.new_tensor(mean).view(1, 3, 1, 1)
-
-
 class Compare(nn.Module):
     """Fixed (not learned) comparison of the pair, fed to the networks next to bg_fg: (B, 6, H, W).
 
     Channels 0-2: |bg_fg - bg| per colour, what pixel differencing thresholds. Channels 3-5: the same after a
     re-shoot is undone as far as simple rules can: both images box-blurred 3x3 (noise, JPEG), bg's per-channel
     gain matched to bg_fg's (exposure, white balance; medians, so the person barely moves them), and each pixel
-    compared with its best match (all three colours at once) within `radius` px of bg (a tripod's shift). A network given only the two images
-    must learn these comparisons from data; given them, it starts where differencing ends and learns what to
-    trust: the raw difference when bg is the same photo, the tolerant one when it was re-shot.
+    compared with its best match (all three colours at once) within `radius` px of bg (a tripod's shift). A
+    network given only the two images must learn these comparisons from data; given them, it starts where
+    differencing ends and learns what to trust: the raw difference when bg is the same photo, the tolerant one
+    when it was re-shot.
     """
 
     channels = 6
@@ -70,7 +66,7 @@ class Compare(nn.Module):
 
     def forward(self, bg: torch.Tensor, bg_fg: torch.Tensor) -> torch.Tensor:
         """Return (B, 6, H, W) difference features for normalised bg, bg_fg (B, 3, H, W)."""
-        bg, bg_fg = unnormalize(bg, BG_MEAN, BG_STD), unnormalize(bg_fg, BG_FG_MEAN, BG_FG_STD)  # [0, 1]
+        bg, bg_fg = denormalize(bg, "bg"), denormalize(bg_fg, "bg_fg")  # [0, 1]
         raw = (bg_fg - bg).abs()  # (B, 3, H, W)
         bg, bg_fg = (F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False) for x in (bg, bg_fg))
         gain = bg_fg.flatten(2).median(dim=2).values / bg.flatten(2).median(dim=2).values.clamp_min(1e-3)  # (B, 3)
@@ -87,7 +83,7 @@ class Compare(nn.Module):
                     tolerant, best = diff, total
                 else:
                     better = total < best
-                    tolerant, best = torch.where(better, diff, tolerant), torch.minimum(total, best)
+                    tolerant, best = torch.where(better, diff, tolerant), torch.where(better, total, best)
         return torch.cat([raw, tolerant], dim=1)  # (B, 6, H, W)
 
 

@@ -169,16 +169,20 @@ def finished(run_dir: Path) -> bool:
     return state["epoch"] >= state["config"]["epochs"]
 
 
+def sets_of_role(root: Path, role: str = "all") -> dict[str, tuple[str, Path]]:
+    """The evaluation sets of `role` (tune, test or all) under `root`; SystemExit if one has not been built."""
+    sets = {name: (r, path) for name, (r, path) in evaluation_sets(root).items() if role in ("all", r)}
+    missing = [str(path) for _, path in sets.values() if not path.exists()]
+    if missing:
+        raise SystemExit(f"missing evaluation sets ({missing[0]} ...): run `python tools/quality.py sets` first")
+    return sets
+
+
 def run(
     root: Path, seeds: list[int], models: list[str], out: Path, runs: Path, extra: list[str], role: str = "all"
 ) -> None:
-    """Train the demo per (model, seed) unless its run exists, then evaluate on every set of `role` (tune, test or
-    all); append JSON lines."""
-    sets = {k: v for k, v in evaluation_sets(root).items() if role in ("all", v[0])}
-    missing = [str(p) for _, p in sets.values() if not p.exists()]
-    if missing:
-        raise SystemExit(f"missing evaluation sets ({missing[0]} ...): run `python tools/quality.py sets` first")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Train the demo per (model, seed) unless its run exists, then score it on every set of `role`."""
+    sets_of_role(root, role)  # fail before training, not after
     for model in models:
         for seed in seeds:
             run_dir = runs / f"{model}-s{seed}"
@@ -188,39 +192,28 @@ def run(
                 cmd = [sys.executable, "-m", "lib.train", "--model", model, "--seed", str(seed)]
                 subprocess.run([*cmd, "--out", str(run_dir), "--quiet", *extra], cwd=ROOT, check=True)
                 train_seconds = round(time.perf_counter() - start, 1)
-            for name, (role, path) in sets.items():
-                for reshoot in RESHOOTS:
-                    ckpt = str(run_dir / "best.pt")
-                    result = evaluate_json(
-                        ["--checkpoint", ckpt, "--data", str(path), "--baseline", "--reshoot", reshoot]
-                    )
-                    command = ["python -m lib.train", "--model", model, "--seed", str(seed), *extra]
-                    result.update(set=name, role=role, reshoot=reshoot, train_seed=seed, machine=machine())
-                    result.update(train_command=" ".join(command), train_seconds=train_seconds)
-                    with open(out, "a") as f:
-                        f.write(json.dumps(result) + "\n")
-                    print(
-                        f"{model} s{seed} {name:22} reshoot {reshoot:5} IoU {result['mask_iou']:.3f} "
-                        f"(differencing {result.get('baseline_mask_iou', float('nan')):.3f})",
-                        flush=True,
-                    )
+            command = ["python -m lib.train", "--model", model, "--seed", str(seed), *extra]
+            facts = dict(train_seed=seed, train_command=" ".join(command), train_seconds=train_seconds)
+            score(root, run_dir / "best.pt", out, role, facts, label=f"{model} s{seed}")
 
 
-def score(root: Path, checkpoint: Path, out: Path, role: str = "test") -> None:
-    """Evaluate one checkpoint (e.g. shipped weights) on every set of `role`, as shot and re-shot; append JSON lines."""
-    sets = {k: v for k, v in evaluation_sets(root).items() if role in ("all", v[0])}
+def score(
+    root: Path, checkpoint: Path, out: Path, role: str = "test", facts: dict | None = None, label: str | None = None
+) -> None:
+    """Evaluate one checkpoint on every set of `role`, as shot and re-shot, next to differencing; append one JSON
+    line per (set, background) to `out`, with `facts` (default: the checkpoint as shipped weights, train seed 0)."""
+    facts = facts if facts is not None else dict(train_seed=0, weights=str(checkpoint))
     out.parent.mkdir(parents=True, exist_ok=True)
-    for name, (set_role, path) in sets.items():
+    for name, (set_role, path) in sets_of_role(root, role).items():
         for reshoot in RESHOOTS:
             result = evaluate_json(
                 ["--checkpoint", str(checkpoint), "--data", str(path), "--baseline", "--reshoot", reshoot]
             )
-            result.update(set=name, role=set_role, reshoot=reshoot, train_seed=0, machine=machine())
-            result.update(weights=str(checkpoint))
+            result.update(set=name, role=set_role, reshoot=reshoot, machine=machine(), **facts)
             with open(out, "a") as f:
                 f.write(json.dumps(result) + "\n")
             print(
-                f"{checkpoint} {name:22} reshoot {reshoot:5} IoU {result['mask_iou']:.3f} "
+                f"{label or checkpoint} {name:22} reshoot {reshoot:5} IoU {result['mask_iou']:.3f} "
                 f"(differencing {result['baseline_mask_iou']:.3f})",
                 flush=True,
             )
