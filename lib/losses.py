@@ -22,11 +22,14 @@ __all__ = [
     "ssim_loss",
     "dice_loss",
     "lovasz_hinge_loss",
+    "fit_scale_shift",
+    "ssi_loss",
     "BCELoss",
     "RMSELoss",
     "SSIMLoss",
     "DiceLoss",
     "LovaszHingeLoss",
+    "SSILoss",
     "CombinedLoss",
     "LOSSES",
     "DEFAULT_LOSS",
@@ -34,6 +37,8 @@ __all__ = [
     "valid_losses",
 ]
 
+
+DEPTH_VALID_MIN = 0.01  # depth truth at or below this is "no depth here": aligned losses and metrics skip it
 
 # ---------------------------------------------------------------- pure functions
 
@@ -134,6 +139,52 @@ def lovasz_hinge_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return (F.relu(errors_sorted) * weights).sum(1).mean()
 
 
+def fit_scale_shift(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the scale s (B,) and shift t (B,) that minimise sum((s pred + t - target)^2) over `valid` pixels;
+    pred, target (B, 1, H, W) in one float dtype, valid (B, 1, H, W) bool. Differentiable in pred.
+
+    A flat prediction (no scale to fit) gets s = 0, t = the mean valid target; no valid pixel: s = 1, t = 0.
+    """
+    weight = valid.to(pred.dtype)
+    n = weight.flatten(1).sum(1)  # (B,)
+    count = n.clamp_min(1).view(-1, 1, 1, 1)
+    mean_p = (pred * weight).flatten(1).sum(1).view(-1, 1, 1, 1) / count  # (B, 1, 1, 1)
+    mean_g = (target * weight).flatten(1).sum(1).view(-1, 1, 1, 1) / count
+    centred = (pred - mean_p) * weight  # centred first: float32 sums of p^2 would cancel
+    var_p = (centred * centred).flatten(1).sum(1) / n.clamp_min(1)  # (B,)
+    cov = (centred * (target - mean_g)).flatten(1).sum(1) / n.clamp_min(1)
+    mean_pp = (pred * pred * weight).flatten(1).sum(1) / n.clamp_min(1)
+    flat = var_p <= 1e-9 * mean_pp.clamp_min(1e-30)  # a constant prediction leaves only rounding in var_p
+    scale = torch.where(flat, torch.zeros_like(var_p), cov / torch.where(flat, torch.ones_like(var_p), var_p))
+    shift = mean_g.flatten() - scale * mean_p.flatten()
+    scale = torch.where(n > 0, scale, torch.ones_like(scale))
+    shift = torch.where(n > 0, shift, torch.zeros_like(shift))
+    return scale, shift
+
+
+def ssi_loss(pred: torch.Tensor, target: torch.Tensor, scales: int = 4, alpha: float = 0.5) -> torch.Tensor:
+    """Scale-and-shift-invariant depth loss of MiDaS (Ranftl et al., TPAMI 2020), in depth space, scalar >= 0.
+
+    pred (B, 1, H, W) raw, target (B, 1, H, W) in [0, 1]. Per image, s and t are fitted by least squares over
+    valid pixels (target > DEPTH_VALID_MIN); the loss is the mean |s pred + t - target| over valid pixels plus
+    `alpha` times the gradient-matching term: the mean |d/dx r| + |d/dy r| of the residual r = s pred + t - target
+    at `scales` scales (each half the last), so edges must sit where the truth has them. A photo shows the room's
+    shape, not its size: this is what the aligned metrics (`depth_delta1_aligned`) score.
+    """
+    pred, target = pred.float(), target.float()
+    valid = target > DEPTH_VALID_MIN
+    scale, shift = fit_scale_shift(pred, target, valid)
+    weight = valid.float()
+    residual = (pred * scale.view(-1, 1, 1, 1) + shift.view(-1, 1, 1, 1) - target) * weight  # (B, 1, H, W)
+    loss = residual.abs().sum() / weight.sum().clamp_min(1)
+    for k in range(scales):
+        r, w = residual[..., :: 2**k, :: 2**k], weight[..., :: 2**k, :: 2**k]  # (B, 1, H / 2^k, W / 2^k)
+        dx = (r[..., :, 1:] - r[..., :, :-1]).abs() * w[..., :, 1:] * w[..., :, :-1]
+        dy = (r[..., 1:, :] - r[..., :-1, :]).abs() * w[..., 1:, :] * w[..., :-1, :]
+        loss = loss + alpha * (dx.sum() + dy.sum()) / w.sum().clamp_min(1)
+    return loss
+
+
 # ---------------------------------------------------------------- modules
 
 
@@ -189,6 +240,18 @@ class LovaszHingeLoss(nn.Module):
         return lovasz_hinge_loss(logits, target)
 
 
+class SSILoss(nn.Module):
+    """Module form of ssi_loss: raw pred vs target (B, 1, H, W) in [0, 1] -> scalar >= 0."""
+
+    def __init__(self, scales: int = 4, alpha: float = 0.5) -> None:
+        super().__init__()
+        self.scales, self.alpha = scales, alpha
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Return the aligned mean absolute error plus alpha x gradient matching."""
+        return ssi_loss(pred, target, scales=self.scales, alpha=self.alpha)
+
+
 # ---------------------------------------------------------------- named combinations
 
 # term name -> (output/batch key it reads, factory). Mask terms read "mask", depth terms read "depth".
@@ -198,6 +261,7 @@ TERMS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "lovasz": ("mask", LovaszHingeLoss),
     "rmse": ("depth", RMSELoss),
     "ssim": ("depth", SSIMLoss),
+    "ssi": ("depth", SSILoss),
 }
 
 # loss name -> {term: weight}. "bce_rmse" is the original recipe: BCE(mask) + 2 x RMSE(depth).
@@ -213,6 +277,7 @@ LOSSES: dict[str, dict[str, float]] = {
     "bce_dice_rmse_ssim": {"bce": 1.0, "dice": 1.0, "rmse": 2.0, "ssim": 1.0},
     "bce_lovasz": {"bce": 1.0, "lovasz": 1.0},
     "bce_lovasz_rmse": {"bce": 1.0, "lovasz": 1.0, "rmse": 2.0},
+    "bce_lovasz_rmse_ssi": {"bce": 1.0, "lovasz": 1.0, "rmse": 2.0, "ssi": 4.0},
 }
 
 DEFAULT_LOSS: dict[str, str] = {"masknet": "bce", "depthnet": "bce_rmse"}

@@ -15,7 +15,7 @@ import math
 import torch
 
 from lib.errors import UserError
-from lib.losses import ssim
+from lib.losses import DEPTH_VALID_MIN, fit_scale_shift, ssim
 
 __all__ = [
     "DEPTH_VALID_MIN",
@@ -42,7 +42,6 @@ __all__ = [
     "Metrics",
 ]
 
-DEPTH_VALID_MIN = 0.01  # AbsRel and delta1 only count pixels whose true depth is above this
 DELTA1_RATIO = 1.25  # delta1: share of valid pixels with max(p/g, g/p) below this
 
 
@@ -154,22 +153,8 @@ def align_depth(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     A constant prediction (no scale to fit) gets s = 0, t = the mean valid truth; no valid pixel: s = 1, t = 0.
     """
     dtype = sum_dtype(target.device)
-    pred = preds.detach().to(dtype)
-    truth = target.detach().to(dtype)
-    valid = (truth > DEPTH_VALID_MIN).to(dtype)
-
-    def total(x: torch.Tensor) -> torch.Tensor:
-        return (x * valid).flatten(1).sum(1)  # (B,)
-
-    n, sum_p, sum_g = total(torch.ones_like(pred)), total(pred), total(truth)
-    sum_pp, sum_pg = total(pred * pred), total(pred * truth)
-    det = n * sum_pp - sum_p * sum_p  # n^2 times the variance of p over valid pixels
-    # a relative tolerance: a constant prediction leaves only rounding in det
-    flat = det <= 1e-9 * n * sum_pp.clamp_min(1e-30)
-    scale = torch.where(flat, torch.zeros_like(det), (n * sum_pg - sum_p * sum_g) / torch.where(flat, 1, det))
-    shift = (sum_g - scale * sum_p) / n.clamp_min(1)
-    scale = torch.where(n > 0, scale, torch.ones_like(scale))
-    shift = torch.where(n > 0, shift, torch.zeros_like(shift))
+    pred, truth = preds.detach().to(dtype), target.detach().to(dtype)
+    scale, shift = fit_scale_shift(pred, truth, truth > DEPTH_VALID_MIN)  # (B,) each
     aligned = pred * scale.view(-1, 1, 1, 1) + shift.view(-1, 1, 1, 1)  # (B, 1, H, W)
     return aligned.clamp(0, 1).to(torch.float32)
 

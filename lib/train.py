@@ -110,7 +110,8 @@ RECIPES: dict[str, dict] = {
         lr=2e-3,
         weight_decay={"adamw": 1e-4, "sgd": 1e-8},  # AdamW's decay would be far too strong for SGD
         scheduler="onecycle",
-        loss={"masknet": "bce_lovasz", "depthnet": "bce_lovasz_rmse"},  # the Lovasz hinge lifts IoU within minutes
+        # Lovasz hinge: IoU within minutes; ssi (scale-and-shift invariant): the room's shape, not its size
+        loss={"masknet": "bce_lovasz", "depthnet": "bce_lovasz_rmse_ssi"},
         reshoot=True,
     ),
 }

@@ -175,8 +175,9 @@ print(
 # ## Train
 #
 # The parts, built here so you can swap any of them: the loaders, the loss function (for DepthNet BCE on the mask
-# plus RMSE on the depth; the demo adds the Lovász hinge), the optimizer and its schedule. A run that finished already skips the
-# loop; one cut off by a disconnect continues from `OUT/last.pt`.
+# plus RMSE on the depth; the demo adds the Lovász hinge on the mask and MiDaS's scale-and-shift-invariant loss on
+# the depth, which scores the room's shape rather than its size), the optimizer and its schedule. A run that
+# finished already skips the loop; one cut off by a disconnect continues from `OUT/last.pt`.
 
 # %%
 train_loader, val_loader = make_loaders(

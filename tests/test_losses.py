@@ -16,12 +16,15 @@ from lib.losses import (
     DiceLoss,
     LovaszHingeLoss,
     RMSELoss,
+    SSILoss,
     SSIMLoss,
     bce_loss,
     dice_loss,
+    fit_scale_shift,
     lovasz_hinge_loss,
     make_loss,
     rmse_loss,
+    ssi_loss,
     ssim,
     ssim_loss,
     valid_losses,
@@ -189,6 +192,58 @@ def test_modules_equal_functions():
     assert RMSELoss()(logits, target) == rmse_loss(logits, target)
     assert SSIMLoss()(logits, target) == ssim_loss(logits, target)
     assert LovaszHingeLoss()(logits, target > 0.5) == lovasz_hinge_loss(logits, target > 0.5)
+    assert SSILoss()(logits, target) == ssi_loss(logits, target)
+
+
+# ---------------------------------------------------------------- scale-and-shift invariant depth loss
+
+
+def numpy_ssi(pred, target, scales=4, alpha=0.5):
+    """Reference ssi_loss: per-image np.linalg.lstsq for (s, t), then the aligned MAE and gradient terms by loops."""
+    pred, target = pred[:, 0].astype(np.float64), target[:, 0].astype(np.float64)
+    valid = target > 0.01
+    residual = np.zeros_like(target)
+    for b in range(len(pred)):
+        p, g = pred[b][valid[b]], target[b][valid[b]]
+        (s, t), *_ = np.linalg.lstsq(np.stack([p, np.ones_like(p)], 1), g, rcond=None)
+        residual[b] = np.where(valid[b], s * pred[b] + t - target[b], 0.0)
+    loss = np.abs(residual).sum() / valid.sum()
+    for k in range(scales):
+        r, v = residual[:, :: 2**k, :: 2**k], valid[:, :: 2**k, :: 2**k]
+        total = 0.0
+        for b, y, x in np.ndindex(*r.shape):
+            if x + 1 < r.shape[2] and v[b, y, x] and v[b, y, x + 1]:
+                total += abs(r[b, y, x + 1] - r[b, y, x])
+            if y + 1 < r.shape[1] and v[b, y, x] and v[b, y + 1, x]:
+                total += abs(r[b, y + 1, x] - r[b, y, x])
+        loss += alpha * total / v.sum()
+    return loss
+
+
+def test_ssi_loss_matches_numpy_lstsq_and_loops():
+    torch.manual_seed(0)
+    pred, target = torch.randn(3, 1, 12, 16), torch.rand(3, 1, 12, 16)
+    target[0, 0, :3] = 0  # no depth there: left out of the fit and of both terms
+    expected = numpy_ssi(pred.numpy(), target.numpy())
+    assert ssi_loss(pred, target).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ssi_loss_ignores_scale_and_shift_but_not_shape():
+    torch.manual_seed(1)
+    target = torch.rand(2, 1, 16, 16) * 0.8 + 0.1
+    assert ssi_loss(3.0 * target - 0.7, target).item() == pytest.approx(0, abs=1e-5)
+    pred = torch.randn(2, 1, 16, 16)
+    assert ssi_loss(5 * pred + 2, target).item() == pytest.approx(ssi_loss(pred, target).item(), rel=1e-4)
+    assert ssi_loss(pred, target).item() > 0.1
+
+
+def test_fit_scale_shift_of_a_flat_prediction_is_the_mean_and_gradients_flow():
+    target = torch.tensor([[[[0.2, 0.4], [0.6, 0.0]]]])  # the 0 is no depth
+    scale, shift = fit_scale_shift(torch.full_like(target, 0.3), target, target > 0.01)
+    assert scale.item() == 0 and shift.item() == pytest.approx(0.4)
+    pred = torch.randn(2, 1, 8, 8, requires_grad=True)
+    ssi_loss(pred, torch.rand(2, 1, 8, 8)).backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- named combinations

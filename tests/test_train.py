@@ -298,7 +298,7 @@ def test_no_arguments_give_the_demo_exactly_as_before():
         weight_decay=1e-4,
         optimizer="adamw",
         scheduler="onecycle",
-        loss="bce_lovasz_rmse",
+        loss="bce_lovasz_rmse_ssi",
         workers=None,
         split_by="sample",
         val_fraction=0.3,
