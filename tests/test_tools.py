@@ -132,3 +132,35 @@ def test_score_writes_one_line_per_set_of_the_role_and_background(tmp_path, unse
     ]
     assert all(r["samples"] == 8 and 0 <= r["mask_iou"] <= 1 and "baseline_mask_iou" in r for r in lines)
     assert lines[0]["baseline_mask_iou"] > lines[1]["baseline_mask_iou"]  # the re-shoot hurts differencing
+
+
+def test_reference_depths_match_numpy_lstsq(tmp_path, unseen_scenes):
+    (tmp_path / "sets").mkdir()
+    (tmp_path / "sets" / f"tune-synthetic-s{quality.TUNE_SEED}").symlink_to(unseen_scenes)
+    results = {
+        r["answer"]: r["depth_delta1_aligned"]
+        for r in quality.reference_depths(unseen_scenes, tmp_path / "sets", "tune")
+    }
+    depth = np.stack([s["depth"][0].numpy() / 255.0 for s in ModestDataset(unseen_scenes, image_size=64)])  # (N, H, W)
+
+    def delta1(answers):
+        hits = total = 0
+        for answer, truth in zip(answers, depth):
+            valid = truth > 0.01
+            a, g = answer[valid], truth[valid]
+            (s, t), *_ = np.linalg.lstsq(np.stack([a, np.ones_like(a)], 1), g, rcond=None)
+            aligned = np.clip(s * a + t, 0, 1)
+            hits += (np.maximum(aligned / g, g / np.maximum(aligned, 1e-12)) < 1.25).sum()
+            total += valid.sum()
+        return hits / total
+
+    means = np.array([truth[truth > 0.01].mean() for truth in depth])
+    constant = (np.maximum(means[:, None, None] / depth, depth / means[:, None, None]) < 1.25)[depth > 0.01].mean()
+    assert results["constant"] == pytest.approx(constant, abs=1e-9)
+    assert results["training mean depth map"] == pytest.approx(
+        delta1(np.broadcast_to(depth.mean(0), depth.shape)), abs=1e-6
+    )
+    assert results["truth, rows averaged (peeks)"] == pytest.approx(
+        delta1(np.broadcast_to(depth.mean(2, keepdims=True), depth.shape)), abs=1e-6
+    )
+    assert results["constant"] < results["training mean depth map"] < results["truth, blurred 3x3 (peeks)"] <= 1

@@ -4,6 +4,7 @@
     python tools/quality.py run --seeds 1 2 3         # train the demo per seed and model, evaluate everything
     python tools/quality.py score weights/masknet.pt --out benchmarks/...jsonl   # one checkpoint, every test set
     python tools/quality.py summary benchmarks/quality-*.jsonl   # mean and spread per (model, set, re-shoot)
+    python tools/quality.py references --out benchmarks/...jsonl   # aligned delta1 of reference depth answers
 
 Three roles of data:
 - training: what `python -m lib.train` generates (synthetic rooms, seed 0);
@@ -219,6 +220,48 @@ def score(
             )
 
 
+def reference_depths(train: Path, root: Path, role: str = "all", samples: int = 2400) -> list[dict]:
+    """Aligned depth scores of answers that bound what a model can reach, per synthetic set: one constant; the mean
+    depth map of `train` (what a model that ignores the photo learns); and two that peek at the truth: each row
+    of the true depth replaced by its mean (the floor's ramp, no objects), and the truth box-blurred 3 x 3 (right
+    everywhere but at edges)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lib.data import ModestDataset, make_loader
+    from lib.metrics import ALIGNED_SUM_FIELDS, depth_aligned_sums
+
+    def load(path: Path):
+        return make_loader(ModestDataset(path, image_size=SIZE), batch_size=64, shuffle=False, num_workers=0)
+
+    total, seen = None, 0
+    for batch in load(train):
+        total = batch["depth"].sum(0) if total is None else total + batch["depth"].sum(0)  # (1, H, W)
+        seen += len(batch["depth"])
+        if seen >= samples:
+            break
+    mean_map = total / seen
+    answers = {
+        "constant": lambda d: torch.zeros_like(d),
+        "training mean depth map": lambda d: mean_map.expand_as(d),
+        "truth, rows averaged (peeks)": lambda d: d.mean(3, keepdim=True).expand_as(d),
+        "truth, blurred 3x3 (peeks)": lambda d: F.avg_pool2d(d, 3, 1, 1, count_include_pad=False),
+    }
+    results = []
+    for name, (set_role, path) in sets_of_role(root, role).items():
+        if "synthetic" not in name:
+            continue  # the photo sets have no depth truth
+        sums = {answer: torch.zeros(len(ALIGNED_SUM_FIELDS), dtype=torch.float64) for answer in answers}
+        for batch in load(path):
+            for answer, predict in answers.items():
+                sums[answer] += depth_aligned_sums(predict(batch["depth"]), batch["depth"], dtype=torch.float64)
+        for answer, values in sums.items():
+            counts = dict(zip(ALIGNED_SUM_FIELDS, values.tolist()))
+            delta1 = counts["aligned_delta1_hits"] / counts["valid_pixels"]
+            results.append(dict(set=name, role=set_role, answer=answer, depth_delta1_aligned=delta1, train=str(train)))
+    return results
+
+
 def mean_spread(values: list[float]) -> str:
     """'mean ± standard deviation' over seeds (± 0 for one value)."""
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -282,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--root", type=Path, default=ROOT / "data" / "quality" / f"{SIZE}px")
     c.add_argument("--out", type=Path, required=True, help="JSON lines file to append to (benchmarks/...)")
     c.add_argument("--role", choices=["all", "tune", "test"], default="test", help="score only the sets of this role")
+    f = sub.add_parser("references", help="aligned delta1 of reference depth answers on the synthetic sets")
+    f.add_argument("--train", type=Path, default=ROOT / "data" / "synthetic-64px-100x12x2-seed0", help="training data")
+    f.add_argument("--root", type=Path, default=ROOT / "data" / "quality" / f"{SIZE}px")
+    f.add_argument("--out", type=Path, required=True, help="JSON lines file to append to (benchmarks/...)")
     m = sub.add_parser("summary", help="mean and spread per model, set and background")
     m.add_argument("files", type=Path, nargs="+")
     args = p.parse_args(argv)
@@ -292,6 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         run(args.root, args.seeds, args.models, args.out, args.runs, extra, args.role)
     elif args.command == "score":
         score(args.root, args.checkpoint, args.out, args.role)
+    elif args.command == "references":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            for result in reference_depths(args.train, args.root):
+                result["machine"] = machine()
+                f.write(json.dumps(result) + "\n")
+                print(f"{result['set']:22} {result['answer']:30} delta1 aligned {result['depth_delta1_aligned']:.3f}")
     else:
         print(summary(args.files))
     return 0
