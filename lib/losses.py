@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-DEPTH_VALID_MIN = 0.01  # depth truth at or below this is "no depth here": aligned losses and metrics skip it
+DEPTH_VALID_MIN = 0.01  # truth at or below this is "no depth": AbsRel, delta1, the aligned fit and ssi skip it
 
 # ---------------------------------------------------------------- pure functions
 
@@ -147,16 +147,16 @@ def fit_scale_shift(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     """
     weight = valid.to(pred.dtype)
     n = weight.flatten(1).sum(1)  # (B,)
-    count = n.clamp_min(1).view(-1, 1, 1, 1)
-    mean_p = (pred * weight).flatten(1).sum(1).view(-1, 1, 1, 1) / count  # (B, 1, 1, 1)
-    mean_g = (target * weight).flatten(1).sum(1).view(-1, 1, 1, 1) / count
-    centred = (pred - mean_p) * weight  # centred first: float32 sums of p^2 would cancel
-    var_p = (centred * centred).flatten(1).sum(1) / n.clamp_min(1)  # (B,)
-    cov = (centred * (target - mean_g)).flatten(1).sum(1) / n.clamp_min(1)
-    mean_pp = (pred * pred * weight).flatten(1).sum(1) / n.clamp_min(1)
-    flat = var_p <= 1e-9 * mean_pp.clamp_min(1e-30)  # a constant prediction leaves only rounding in var_p
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return (x * weight).flatten(1).sum(1) / n.clamp_min(1)  # (B,), over valid pixels
+
+    mean_p, mean_g = mean(pred), mean(target)
+    centred = pred - mean_p.view(-1, 1, 1, 1)  # centred first: float32 sums of p^2 would cancel
+    var_p, cov = mean(centred * centred), mean(centred * (target - mean_g.view(-1, 1, 1, 1)))
+    flat = var_p <= 1e-9 * mean(pred * pred).clamp_min(1e-30)  # a constant prediction leaves only rounding
     scale = torch.where(flat, torch.zeros_like(var_p), cov / torch.where(flat, torch.ones_like(var_p), var_p))
-    shift = mean_g.flatten() - scale * mean_p.flatten()
+    shift = mean_g - scale * mean_p
     scale = torch.where(n > 0, scale, torch.ones_like(scale))
     shift = torch.where(n > 0, shift, torch.zeros_like(shift))
     return scale, shift

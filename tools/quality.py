@@ -229,7 +229,7 @@ def reference_depths(train: Path, root: Path, role: str = "all", samples: int = 
     import torch.nn.functional as F
 
     from lib.data import ModestDataset, make_loader
-    from lib.metrics import ALIGNED_SUM_FIELDS, depth_aligned_sums
+    from lib.metrics import ALIGNED_SUM_FIELDS, depth_aligned_sums, depth_metric_from_sums
 
     def load(path: Path):
         return make_loader(ModestDataset(path, image_size=SIZE), batch_size=64, shuffle=False, num_workers=0)
@@ -256,8 +256,7 @@ def reference_depths(train: Path, root: Path, role: str = "all", samples: int = 
             for answer, predict in answers.items():
                 sums[answer] += depth_aligned_sums(predict(batch["depth"]), batch["depth"], dtype=torch.float64)
         for answer, values in sums.items():
-            counts = dict(zip(ALIGNED_SUM_FIELDS, values.tolist()))
-            delta1 = counts["aligned_delta1_hits"] / counts["valid_pixels"]
+            delta1 = depth_metric_from_sums("depth_delta1_aligned", dict(zip(ALIGNED_SUM_FIELDS, values))).item()
             results.append(dict(set=name, role=set_role, answer=answer, depth_delta1_aligned=delta1, train=str(train)))
     return results
 
@@ -326,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", type=Path, required=True, help="JSON lines file to append to (benchmarks/...)")
     c.add_argument("--role", choices=["all", "tune", "test"], default="test", help="score only the sets of this role")
     f = sub.add_parser("references", help="aligned delta1 of reference depth answers on the synthetic sets")
-    f.add_argument("--train", type=Path, default=ROOT / "data" / "synthetic-64px-100x12x2-seed0", help="training data")
+    f.add_argument(
+        "--train", default="synthetic", help="training data, as lib.train's --data: synthetic (the demo's) or a path"
+    )
     f.add_argument("--root", type=Path, default=ROOT / "data" / "quality" / f"{SIZE}px")
     f.add_argument("--out", type=Path, required=True, help="JSON lines file to append to (benchmarks/...)")
     m = sub.add_parser("summary", help="mean and spread per model, set and background")
@@ -342,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "references":
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:
-            for result in reference_depths(args.train, args.root):
+            from lib.train import resolve_data
+
+            for result in reference_depths(resolve_data(args.train, progress=False), args.root):
                 result["machine"] = machine()
                 f.write(json.dumps(result) + "\n")
                 print(f"{result['set']:22} {result['answer']:30} delta1 aligned {result['depth_delta1_aligned']:.3f}")
