@@ -167,7 +167,7 @@ RESHOOT_LEVELS = {
     ),
 }
 RESHOOT_CHOICES = ("none", "mild", "strong", "train")  # "train": what training draws from, see TRAIN_* below
-TRAIN_UNTOUCHED = 0.4  # share of training samples whose bg is left as it is (pixel-exact pairs exist too)
+TRAIN_UNTOUCHED = 0.6  # share of training samples whose bg is left as it is (pixel-exact pairs exist too)
 TRAIN_STRENGTHS = (0.25, 0.5, 0.75, 1.0)  # fractions of `strong`, drawn uniformly for the other samples
 TRAIN_SHADOW = 0.5  # probability of a soft shadow of the person on the floor in bg_fg
 SHADOW_DARKNESS = (0.2, 0.5)  # the shadow multiplies the floor by 1 - darkness at its centre
