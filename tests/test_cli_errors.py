@@ -381,3 +381,12 @@ def test_starting_over_a_run_folder_is_refused_and_leaves_its_checkpoints(datase
     line = _assert_error(_train(dataset, out), r"holds a run; continue it with --resume")
     assert str(out / "best.pt") in line
     assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_quality_score_names_a_missing_set_then_a_missing_checkpoint(tmp_path):
+    missing = tmp_path / "nowhere.pt"
+    score = ["tools/quality.py", "score", str(missing), "--root", str(tmp_path), "--out", str(tmp_path / "q.jsonl")]
+    _assert_error(_run(score), re.escape(str(tmp_path / "test-synthetic-s101")) + ": evaluation set not found")
+    (tmp_path / "tune-synthetic-s7").mkdir()  # the tuning set's folder: now the checkpoint is what is missing
+    _assert_error(_run([*score, "--role", "tune"]), re.escape(str(missing)) + ": checkpoint not found")
+    assert not (tmp_path / "q.jsonl").exists()

@@ -40,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lib.errors import UserError, run_cli  # noqa: E402
 from lib.synthetic import fg_height, make_figure, make_synthetic_dataset  # noqa: E402
 from tools.build import build_dataset  # noqa: E402
 
@@ -57,7 +58,7 @@ def load_photos() -> list[np.ndarray]:
     try:
         from sklearn.datasets import load_sample_images
     except ImportError:
-        sys.exit("tools/quality.py: the photo sets need scikit-learn (pip install scikit-learn)")
+        raise UserError("the photo sets need scikit-learn (pip install scikit-learn)") from None
     return [np.ascontiguousarray(img) for img in load_sample_images().images]
 
 
@@ -171,11 +172,13 @@ def finished(run_dir: Path) -> bool:
 
 
 def sets_of_role(root: Path, role: str = "all") -> dict[str, tuple[str, Path]]:
-    """The evaluation sets of `role` (tune, test or all) under `root`; SystemExit if one has not been built."""
+    """The evaluation sets of `role` (tune, test or all) under `root`; UserError if one has not been built."""
     sets = {name: (r, path) for name, (r, path) in evaluation_sets(root).items() if role in ("all", r)}
     missing = [str(path) for _, path in sets.values() if not path.exists()]
     if missing:
-        raise SystemExit(f"missing evaluation sets ({missing[0]} ...): run `python tools/quality.py sets` first")
+        raise UserError(
+            f"{missing[0]}: evaluation set not found (and {len(missing) - 1} more); run `python tools/quality.py sets` first"
+        )
     return sets
 
 
@@ -355,4 +358,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
