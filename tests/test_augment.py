@@ -97,7 +97,11 @@ def test_reshoot_moves_bg_only_and_the_shadow_never_touches_the_person(level, pa
     masks_before = masks.copy()
     bg, bg_fg = (run_cpu if path == "cpu" else run_gpu)(level, images, masks, seed=2)
     assert np.array_equal(masks, masks_before)  # read, never written
-    assert (bg != images).any(axis=(1, 2, 3)).mean() > (0.5 if level == "train" else 0.99)
+    moved = (bg != images).any(axis=(1, 2, 3)).mean()
+    if level == "train":  # the share TRAIN_UNTOUCHED is left as shot (40 samples: a binomial's sd is about 0.08)
+        assert moved == pytest.approx(1 - TRAIN_UNTOUCHED, abs=0.2)
+    else:
+        assert moved > 0.99
     person = masks.astype(bool)
     assert np.array_equal(bg_fg[person], images[person])  # masked pixels of bg_fg: never touched
     shaded = (bg_fg != images).any(axis=(1, 2, 3))
