@@ -1,6 +1,7 @@
 """Bad input to the real commands: a non-zero exit, one `error:` line naming the file (and line) or argument, no traceback.
 
-Every case runs `python -m lib.train` or `python -m lib.evaluate` as a subprocess on a 12-sample, 32 px dataset.
+Every case runs a real command as a subprocess: `python -m lib.train` or `python -m lib.evaluate` on a 12-sample,
+32 px dataset, or `python tools/quality.py`.
 """
 
 from __future__ import annotations

@@ -176,9 +176,8 @@ def sets_of_role(root: Path, role: str = "all") -> dict[str, tuple[str, Path]]:
     sets = {name: (r, path) for name, (r, path) in evaluation_sets(root).items() if role in ("all", r)}
     missing = [str(path) for _, path in sets.values() if not path.exists()]
     if missing:
-        raise UserError(
-            f"{missing[0]}: evaluation set not found (and {len(missing) - 1} more); run `python tools/quality.py sets` first"
-        )
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{missing[0]}: evaluation set not found{more}; run `python tools/quality.py sets` first")
     return sets
 
 
@@ -345,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         score(args.root, args.checkpoint, args.out, args.role)
     elif args.command == "references":
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            from lib.train import resolve_data
+        from lib.train import resolve_data
 
+        with open(args.out, "a") as f:
             for result in reference_depths(resolve_data(args.train, progress=False), args.root):
                 result["machine"] = machine()
                 f.write(json.dumps(result) + "\n")
